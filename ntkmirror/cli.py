@@ -1,0 +1,307 @@
+"""`ntkmirror` command line: fit, eval, generate, compose, inspect (+ plugged-in groups).
+
+Thin over the library. Errors from the library's error tree become one line on stderr and
+the error's exit code; nothing is written when a command fails. Other packages of the
+project (memory store, jobs, serving) add command groups through the `ntkmirror.cli`
+entry-point group, so this core module never imports them.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from importlib.metadata import entry_points
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from .errors import ConfigError, NtkMirrorError
+
+app = typer.Typer(help="LoRA-free forward-pass fine-tuning with signed log-gate controllers.",
+                  no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
+out = Console()
+err = Console(stderr=True)
+
+ModelOpt = typer.Option(None, "--model", help="HF id, local dir or .gguf (default: embedded SmolLM2-135M-Instruct)")
+JsonOpt = typer.Option(False, "--json", help="machine-readable JSON output")
+DeviceOpt = typer.Option(None, "--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+DtypeOpt = typer.Option(None, "--dtype", help="float32, bfloat16, float16 (default: the model's)")
+MismatchOpt = typer.Option(False, "--allow-model-mismatch", help="attach a controller fitted on another model")
+
+
+def emit(data: dict, as_json: bool, render) -> None:
+    if as_json:
+        out.print_json(json.dumps(data, default=str))
+    else:
+        render(data)
+
+
+def load(model: Optional[str], device=None, dtype=None, quiet: bool = False):
+    from .models import load_model
+
+    t0 = time.perf_counter()
+    with err.status(f"loading {model or 'embedded SmolLM2-135M-Instruct'}...", spinner="dots") if not quiet else _null():
+        m, tok = load_model(model, device=device, dtype=dtype)
+    if not quiet:
+        err.print(f"[dim]model loaded in {time.perf_counter() - t0:.1f}s[/dim]")
+    return m, tok
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        return False
+
+
+def fit_config(gates, steps, lr, max_log_gate, layers, score_batches, batch_size, max_length, seed, score,
+               no_eos, eval_every, patience):
+    from .fit import FitConfig
+
+    for name, v in (("gates", gates), ("steps", steps), ("batch-size", batch_size), ("max-length", max_length),
+                    ("score-batches", score_batches)):
+        if v < (0 if name == "steps" else 1):
+            raise ConfigError(f"--{name} must be positive, got {v}")
+    if not (lr > 0 and max_log_gate > 0):
+        raise ConfigError("--lr and --max-log-gate must be positive")
+    if score not in ("abs", "coherent"):
+        raise ConfigError(f"--score must be abs or coherent, got {score!r}")
+    return FitConfig(gates=gates, steps=steps, lr=lr, max_log_gate=max_log_gate, layers=layers,
+                     score_batches=score_batches, batch_size=batch_size, max_length=max_length, seed=seed,
+                     score=score, add_eos=not no_eos, eval_every=eval_every, patience=patience)
+
+
+# Option declarations reused by every command that fits (fit, memory add, jobs fit).
+FIT_OPTIONS = dict(
+    gates=typer.Option(5000, "--gates", help="number of (layer, channel) log-gates"),
+    steps=typer.Option(240, "--steps", help="AdamW steps on the gate values"),
+    lr=typer.Option(5e-3, "--lr", help="learning rate"),
+    max_log_gate=typer.Option(0.05, "--max-log-gate", help="bound on each signed log-gate"),
+    layers=typer.Option("all", "--layers", help="all | last | last:N | comma list (negatives from the end)"),
+    score_batches=typer.Option(16, "--score-batches", help="batches used to select gates"),
+    batch_size=typer.Option(8, "--batch-size"),
+    max_length=typer.Option(1024, "--max-length", help="truncate sequences from the left"),
+    seed=typer.Option(0, "--seed"),
+    score=typer.Option("abs", "--score", help="selection rule: abs (sum |g*h|) or coherent (|sum g*h|)"),
+    no_eos=typer.Option(False, "--no-eos", help="do not append EOS to completions"),
+    eval_every=typer.Option(0, "--eval-every", help="validation interval in steps (0: steps/10)"),
+    patience=typer.Option(0, "--patience", help="early stop after N evaluations without gain (0: off)"),
+)
+
+
+@app.command()
+def fit(
+    train: Path = typer.Option(..., "--train", help="training JSONL"),
+    out_path: Path = typer.Option(..., "--out", help="controller file (.safetensors or .pt)"),
+    validation: Optional[Path] = typer.Option(None, "--validation", help="validation JSONL (best checkpoint)"),
+    model: Optional[str] = ModelOpt,
+    device: Optional[str] = DeviceOpt,
+    dtype: Optional[str] = DtypeOpt,
+    as_json: bool = JsonOpt,
+    gates: int = FIT_OPTIONS["gates"], steps: int = FIT_OPTIONS["steps"], lr: float = FIT_OPTIONS["lr"],
+    max_log_gate: float = FIT_OPTIONS["max_log_gate"], layers: str = FIT_OPTIONS["layers"],
+    score_batches: int = FIT_OPTIONS["score_batches"], batch_size: int = FIT_OPTIONS["batch_size"],
+    max_length: int = FIT_OPTIONS["max_length"], seed: int = FIT_OPTIONS["seed"], score: str = FIT_OPTIONS["score"],
+    no_eos: bool = FIT_OPTIONS["no_eos"], eval_every: int = FIT_OPTIONS["eval_every"],
+    patience: int = FIT_OPTIONS["patience"],
+):
+    """Fit a controller on teacher-forced examples and save it."""
+    from .data import load_jsonl_examples
+    from .fit import fit_controller
+    from .gates import parse_layers
+    from .models import find_decoder_layers
+
+    cfg = fit_config(gates, steps, lr, max_log_gate, layers, score_batches, batch_size, max_length, seed, score,
+                     no_eos, eval_every, patience)
+    m, tok = load(model, device, dtype, quiet=as_json)
+    parse_layers(layers, len(find_decoder_layers(m)[1]))  # fail before any work
+    train_ex = load_jsonl_examples(train, tok)
+    val_ex = load_jsonl_examples(validation, tok) if validation else None
+    c = fit_controller(m, tok, train_ex, cfg, val_ex, progress=not as_json)
+    c.save(out_path)
+    f = c.meta["fit"]
+    emit({"out": str(out_path), "gates": c.num_gates, "bytes": out_path.stat().st_size, **f}, as_json,
+         lambda d: out.print(f"saved {d['gates']} gates to {d['out']} ({d['bytes']} bytes) in {d['seconds']:.1f}s; "
+                             f"train NLL {d['train_nll_before']:.4f} -> {d['train_nll_after']:.4f}"))
+
+
+def _metrics_table(title: str, rows: dict) -> Table:
+    t = Table(title=title)
+    for col in ("", "NLL", "token acc", "exact match", "examples"):
+        t.add_column(col)
+    for name, r in rows.items():
+        t.add_row(name, f"{r['nll']:.4f}", f"{r['token_accuracy']:.3f}",
+                  f"{r['exact_match']:.3f}" if "exact_match" in r else "-", str(r["examples"]))
+    return t
+
+
+def load_controller(path: Path, m, allow_mismatch: bool):
+    from .controller import Controller
+
+    return Controller.load(path).check_model(m, allow_mismatch)
+
+
+@app.command("eval")
+def eval_cmd(
+    controller: Path = typer.Option(..., "--controller"),
+    eval_path: Path = typer.Option(..., "--eval", help="evaluation JSONL"),
+    model: Optional[str] = ModelOpt,
+    batch_size: int = typer.Option(8, "--batch-size"),
+    max_length: int = typer.Option(1024, "--max-length"),
+    max_new_tokens: Optional[int] = typer.Option(None, "--max-new-tokens", help="for exact match (default: auto)"),
+    no_exact: bool = typer.Option(False, "--no-exact-match", help="skip greedy generation"),
+    no_eos: bool = typer.Option(False, "--no-eos"),
+    allow_model_mismatch: bool = MismatchOpt,
+    device: Optional[str] = DeviceOpt, dtype: Optional[str] = DtypeOpt, as_json: bool = JsonOpt,
+):
+    """Base vs controller on the same examples: NLL, token accuracy, exact match."""
+    from .data import load_jsonl_examples
+    from .evaluate import evaluate
+
+    m, tok = load(model, device, dtype, quiet=as_json)
+    c = load_controller(controller, m, allow_model_mismatch)
+    exs = load_jsonl_examples(eval_path, tok)
+    kw = dict(batch_size=batch_size, max_length=max_length, max_new_tokens=max_new_tokens, exact=not no_exact,
+              add_eos=not no_eos)
+    res = {"base": evaluate(m, tok, exs, None, **kw), "controller": evaluate(m, tok, exs, c, **kw)}
+    emit(res, as_json, lambda d: out.print(_metrics_table(f"{eval_path}", d)))
+
+
+@app.command()
+def generate(
+    prompt: str = typer.Option(..., "--prompt"),
+    controller: Optional[Path] = typer.Option(None, "--controller", help="omit for the base model"),
+    model: Optional[str] = ModelOpt,
+    max_new_tokens: int = typer.Option(128, "--max-new-tokens"),
+    temperature: float = typer.Option(0.0, "--temperature", help="0: greedy"),
+    full: bool = typer.Option(False, "--full", help="print prompt + continuation"),
+    allow_model_mismatch: bool = MismatchOpt,
+    device: Optional[str] = DeviceOpt, dtype: Optional[str] = DtypeOpt, as_json: bool = JsonOpt,
+):
+    """Generate from a prompt with a controller attached (greedy by default)."""
+    from .evaluate import generate as gen
+
+    prompt = prompt.encode().decode("unicode_escape") if "\\n" in prompt else prompt
+    m, tok = load(model, device, dtype, quiet=as_json)
+    c = load_controller(controller, m, allow_model_mismatch) if controller else None
+    text = gen(m, tok, [prompt], c, max_new_tokens, temperature=temperature)[0]
+    emit({"prompt": prompt, "text": text, "controller": str(controller) if controller else None}, as_json,
+         lambda d: out.print((d["prompt"] if full else "") + d["text"], markup=False, highlight=False))
+
+
+@app.command()
+def compose(
+    controllers: List[Path] = typer.Option(..., "--controllers", help="controller files"),
+    out_path: Path = typer.Option(..., "--out"),
+    weights: Optional[List[float]] = typer.Option(None, "--weights", help="one per controller (default 1)"),
+    max_log_gate: Optional[float] = typer.Option(None, "--max-log-gate", help="clip (default: largest input's)"),
+    budget: Optional[int] = typer.Option(None, "--budget", help="keep only the largest |s| gates"),
+    report: Optional[Path] = typer.Option(None, "--report", help="write the composition report as JSON"),
+    as_json: bool = JsonOpt,
+):
+    """Add signed log-gates of several controllers, clip, and save the result."""
+    from .compose import compose as do_compose
+    from .controller import Controller
+
+    cs = [Controller.load(p) for p in controllers]
+    c, rep = do_compose(cs, weights or None, max_log_gate, budget)
+    rep["inputs_paths"] = [str(p) for p in controllers]
+    c.save(out_path)
+    if report:
+        report.parent.mkdir(parents=True, exist_ok=True)
+        report.write_text(json.dumps(rep, indent=2))
+
+    def render(d):
+        out.print(f"composed {d['inputs']} controllers -> {d['output_gates']} gates in {out_path}; "
+                  f"clipped {d['clip_fraction']:.2%}")
+        for w in d["warnings"]:
+            err.print(f"[yellow]warning:[/yellow] {escape(w)}")
+
+    emit(rep, as_json, render)
+
+
+@app.command()
+def inspect(
+    controllers: List[Path] = typer.Option(..., "--controllers", help="controller files"),
+    as_json: bool = JsonOpt,
+):
+    """Per-controller stats and pairwise overlap, Jaccard, cosine, opposing signs."""
+    from .compose import inspect_controllers
+    from .controller import Controller
+
+    rep = inspect_controllers([Controller.load(p) for p in controllers])
+
+    def render(d):
+        t = Table(title="controllers")
+        for col in ("#", "file", "gates", "L2", "max |s|", "saturation", "layers used"):
+            t.add_column(col)
+        for i, (p, s) in enumerate(zip(controllers, d["controllers"])):
+            t.add_row(str(i), str(p), str(s["gates"]), f"{s['l2']:.4f}", f"{s['max_abs']:.4f}",
+                      f"{s['saturation']:.1%}", str(sum(1 for x in s["layer_histogram"] if x)))
+        out.print(t)
+        if d["pairs"]:
+            t = Table(title="pairs")
+            for col in ("a", "b", "overlap", "Jaccard", "cosine", "opposing"):
+                t.add_column(col)
+            for p in d["pairs"]:
+                t.add_row(str(p["a"]), str(p["b"]), str(p["overlap"]), f"{p['jaccard']:.3f}", f"{p['cosine']:.3f}",
+                          f"{p['opposing_sign_overlap']:.1%}")
+            out.print(t)
+        for w in d["warnings"]:
+            err.print(f"[yellow]warning:[/yellow] {escape(w)}")
+
+    emit(rep, as_json, render)
+
+
+def _plug_in_groups() -> None:
+    """Add command groups that other installed packages register (memory, jobs, serve, ...)."""
+    for ep in entry_points(group="ntkmirror.cli"):
+        try:
+            obj = ep.load()
+        except ImportError as e:  # optional extras not installed
+            app.command(ep.name, help=f"(unavailable: {e})")(lambda: _unavailable(ep.name, e))
+            continue
+        if isinstance(obj, typer.Typer):
+            app.add_typer(obj, name=ep.name)
+        else:
+            app.command(ep.name)(obj)
+
+
+def _unavailable(name, e):
+    raise NtkMirrorError(f"'{name}' needs optional packages: {e}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    _plug_in_groups()
+    try:
+        app(args=argv, standalone_mode=False)
+    except NtkMirrorError as e:
+        err.print(f"[red]error:[/red] {escape(str(e))}", highlight=False)
+        return e.exit_code
+    except (typer.Abort, KeyboardInterrupt):
+        err.print("aborted")
+        return 130
+    except typer.Exit as e:
+        return e.exit_code
+    except Exception as e:  # click usage errors and the like
+        import click
+
+        if isinstance(e, click.ClickException):
+            e.show()
+            return e.exit_code
+        raise
+    return 0
+
+
+def run() -> None:
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    run()

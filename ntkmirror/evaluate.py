@@ -1,0 +1,98 @@
+"""Evaluation (teacher-forced NLL, token accuracy, exact match) and greedy generation.
+
+Generation encodes prompts exactly as training did (no special tokens), left-pads the
+batch, and may carry a different gate row per prompt.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Sequence
+
+import torch
+
+from .controller import Controller
+from .data import Example, collate, encode_all, encode_prompt, pad_id
+from .gates import RowGates, attach, controller_gates
+from .objective import token_losses
+
+
+def _device(model):
+    return next(model.parameters()).device
+
+
+def _slice(gates: RowGates | None, lo: int, hi: int) -> RowGates | None:
+    if gates is None or gates.values.dim() == 2:  # shared by every row
+        return gates
+    return RowGates(gates.layers, gates.values[lo:hi])
+
+
+def _as_gates(model, gates: RowGates | Controller | None) -> RowGates | None:
+    return controller_gates(gates, _device(model)) if isinstance(gates, Controller) else (
+        gates.to(_device(model)) if gates is not None else None)
+
+
+@torch.no_grad()
+def teacher_forced(model, tokenizer, examples: Sequence[Example], gates: RowGates | Controller | None = None,
+                   batch_size: int = 8, max_length: int = 1024, add_eos: bool = True) -> dict:
+    """Token-weighted NLL and token accuracy on completion tokens."""
+    gates = _as_gates(model, gates)
+    enc = encode_all(tokenizer, examples, max_length, add_eos)
+    nll_sum, correct, n = 0.0, 0, 0
+    for lo in range(0, len(enc), batch_size):
+        batch = collate(enc[lo: lo + batch_size], pad_id(tokenizer)).to(_device(model))
+        with attach(model, _slice(gates, lo, lo + batch_size)):
+            tl = token_losses(model, batch)
+        nll_sum += tl.nll.sum().item()
+        correct += int(tl.correct.sum())
+        n += tl.nll.numel()
+    return {"nll": nll_sum / max(n, 1), "token_accuracy": correct / max(n, 1), "tokens": n}
+
+
+@torch.no_grad()
+def generate(model, tokenizer, prompts: Sequence[str], gates: RowGates | Controller | None = None,
+             max_new_tokens: int = 128, batch_size: int = 8, temperature: float = 0.0,
+             seed: int | None = None) -> list[str]:
+    """Continue each prompt (greedy unless temperature > 0); returns only the new text."""
+    gates = _as_gates(model, gates)
+    device, pad, eos = _device(model), pad_id(tokenizer), tokenizer.eos_token_id
+    if seed is not None:
+        torch.manual_seed(seed)
+    texts = []
+    for lo in range(0, len(prompts), batch_size):
+        ids = [encode_prompt(tokenizer, p) or [tokenizer.bos_token_id or eos] for p in prompts[lo: lo + batch_size]]
+        T = max(map(len, ids))
+        input_ids = torch.tensor([[pad] * (T - len(x)) + x for x in ids], device=device)
+        mask = torch.tensor([[0] * (T - len(x)) + [1] * len(x) for x in ids], device=device)
+        sample = {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}
+        with attach(model, _slice(gates, lo, lo + len(ids))):
+            out = model.generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=max_new_tokens,
+                                 pad_token_id=pad, eos_token_id=eos, top_p=None, top_k=None, **sample)
+        texts += tokenizer.batch_decode(out[:, T:], skip_special_tokens=True)
+    return texts
+
+
+def _lines(text: str) -> list[str]:
+    return [re.sub(r"\s+", " ", l).strip().lower() for l in text.strip().splitlines() if l.strip()]
+
+
+def exact_match(generated: str, target: str) -> bool:
+    """Normalised compare that reads the *first* answer: the generation's first lines must equal
+    the target's lines (whitespace and case folded); anything the model says after is ignored."""
+    want = _lines(target)
+    return bool(want) and _lines(generated)[: len(want)] == want
+
+
+def evaluate(model, tokenizer, examples: Sequence[Example], gates: RowGates | Controller | None = None,
+             batch_size: int = 8, max_length: int = 1024, max_new_tokens: int | None = None,
+             exact: bool = True, add_eos: bool = True) -> dict:
+    """NLL, token accuracy and (greedy) exact-match accuracy on the same examples."""
+    out = teacher_forced(model, tokenizer, examples, gates, batch_size, max_length, add_eos)
+    out["examples"] = len(examples)
+    if exact:
+        if max_new_tokens is None:  # enough for the longest target, and a little more
+            max_new_tokens = max(len(tokenizer(e.completion, add_special_tokens=False)["input_ids"])
+                                 for e in examples) + 8
+        gens = generate(model, tokenizer, [e.prompt for e in examples], gates, max_new_tokens, batch_size)
+        out["exact_match"] = sum(exact_match(g, e.completion) for g, e in zip(gens, examples)) / len(examples)
+    return out

@@ -1,0 +1,195 @@
+"""Fitting controllers: C independent controllers in one forward/backward per step.
+
+Each controller has its own examples, its own gate set, its own seeded batch order and its
+own loss mean; AdamW is element-wise, so one optimiser over a (C, K) tensor is C separate
+fits done together. C = 1 is the ordinary single fit.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+from typing import Sequence
+
+import torch
+
+from .controller import Controller, new_meta
+from .data import Batch, Example, collate, data_hash, encode_all, pad_id
+from .gates import RowGates, attach, parse_layers
+from .models import find_decoder_layers, hidden_size
+from .objective import group_means, token_losses
+from .selection import saliency_scores, top_gates
+
+
+@dataclass
+class FitConfig:
+    gates: int = 5000
+    steps: int = 240
+    lr: float = 5e-3
+    max_log_gate: float = 0.05
+    layers: str = "all"
+    score_batches: int = 16
+    batch_size: int = 8
+    max_length: int = 1024
+    seed: int = 0
+    score: str = "abs"  # selection rule: "abs" (seed) or "coherent"
+    add_eos: bool = True  # append EOS to completions so the model learns to stop
+    l2: float = 1e-5  # weight of mean(s^2)
+    eval_every: int = 0  # validation interval in steps (0: steps // 10)
+    patience: int = 0  # stop after this many evaluations without improvement (0: never)
+    stats_examples: int = 32  # training examples used for the before/after NLL
+
+
+class BatchSampler:
+    """Seeded epoch shuffling: every example once per epoch, wrapping for tiny sets."""
+
+    def __init__(self, n: int, batch_size: int, seed: int):
+        self.n, self.batch_size = n, batch_size
+        self.gen = torch.Generator().manual_seed(seed)
+        self.queue: list[int] = []
+
+    def next(self) -> list[int]:
+        while len(self.queue) < self.batch_size:
+            self.queue += torch.randperm(self.n, generator=self.gen).tolist()
+        out, self.queue = self.queue[: self.batch_size], self.queue[self.batch_size:]
+        return out
+
+
+class PackedGates:
+    """Trainable raw values for C controllers, scattered into per-row dense gates."""
+
+    def __init__(self, layer_sets: Sequence[torch.Tensor], channel_sets: Sequence[torch.Tensor],
+                 hidden: int, max_log_gate: float, device):
+        self.layers = sorted({int(l) for ls in layer_sets for l in ls.tolist()})
+        pos = {l: j for j, l in enumerate(self.layers)}
+        self.hidden, self.m = hidden, max_log_gate
+        self.sizes = [len(ls) for ls in layer_sets]
+        scratch = len(self.layers) * hidden  # padding slots write here and are dropped
+        idx = torch.full((len(layer_sets), max(self.sizes)), scratch, dtype=torch.long)
+        for c, (ls, cs) in enumerate(zip(layer_sets, channel_sets)):
+            idx[c, : len(ls)] = torch.tensor([pos[int(l)] for l in ls]) * hidden + cs
+        self.idx = idx.to(device)
+        self.layer_sets, self.channel_sets = layer_sets, channel_sets
+        self.raw = torch.zeros(idx.shape, device=device, requires_grad=True)  # (C, K) float32
+
+    def log_gates(self) -> torch.Tensor:
+        return self.m * torch.tanh(self.raw)  # (C, K)
+
+    def rows(self, row_ctrl: torch.Tensor) -> RowGates:
+        C = self.raw.shape[0]
+        dense = torch.zeros(C, len(self.layers) * self.hidden + 1, device=self.raw.device)
+        dense = dense.scatter(1, self.idx, self.log_gates())[:, :-1]
+        return RowGates(self.layers, dense[row_ctrl].view(-1, len(self.layers), self.hidden))
+
+    def controller(self, c: int, raw: torch.Tensor | None = None, **kw) -> Controller:
+        raw = self.raw if raw is None else raw
+        return Controller(self.layer_sets[c], self.channel_sets[c], raw[c, : self.sizes[c]].detach().cpu(),
+                          self.m, **kw)
+
+
+def _pack(encoded_sets, picks: Sequence[Sequence[int]], pad: int) -> tuple[Batch, torch.Tensor]:
+    """One batch holding picks[c] rows of controller c; returns (batch, row -> controller)."""
+    rows, owner = [], []
+    for c, idxs in enumerate(picks):
+        rows += [encoded_sets[c][i] for i in idxs]
+        owner += [c] * len(idxs)
+    return collate(rows, pad), torch.tensor(owner)
+
+
+@torch.no_grad()
+def packed_nll(model, encoded_sets, gates: PackedGates | None, pad: int, rows_per_step: int = 32) -> list[float]:
+    """Token-weighted mean NLL of each controller on its own examples (no gates: base model)."""
+    device = next(model.parameters()).device
+    C = len(encoded_sets)
+    sums, counts = torch.zeros(C, device=device), torch.zeros(C, device=device)
+    jobs = [(c, i) for c, enc in enumerate(encoded_sets) for i in range(len(enc))]
+    for start in range(0, len(jobs), rows_per_step):
+        chunk = jobs[start: start + rows_per_step]
+        batch = collate([encoded_sets[c][i] for c, i in chunk], pad).to(device)
+        row_ctrl = torch.tensor([c for c, _ in chunk], device=device)
+        with attach(model, gates.rows(row_ctrl) if gates is not None else None):
+            tl = token_losses(model, batch)
+        owner = row_ctrl[tl.row]
+        sums.index_add_(0, owner, tl.nll)
+        counts.index_add_(0, owner, torch.ones_like(tl.nll))
+    return (sums / counts.clamp_min(1)).tolist()
+
+
+def fit_controllers(model, tokenizer, datasets: Sequence[Sequence[Example]], config: FitConfig | None = None,
+                    validation: Sequence[Sequence[Example]] | None = None, progress: bool = True,
+                    extra_meta: Sequence[dict] | None = None) -> list[Controller]:
+    """Fit one controller per dataset, all in the same forward/backward passes."""
+    from tqdm.auto import tqdm
+
+    cfg = config or FitConfig()
+    t0 = time.perf_counter()
+    device = next(model.parameters()).device
+    model.requires_grad_(False)
+    n_layers, hidden = len(find_decoder_layers(model)[1]), hidden_size(model)
+    layers = parse_layers(cfg.layers, n_layers)
+    pad = pad_id(tokenizer)
+    enc = [encode_all(tokenizer, ds, cfg.max_length, cfg.add_eos) for ds in datasets]
+    C = len(enc)
+
+    # 1. select each controller's gates by saliency on its own data
+    score_samplers = [BatchSampler(len(e), cfg.batch_size, cfg.seed) for e in enc]
+    score_iter = (_pack(enc, [s.next() for s in score_samplers], pad) for _ in range(cfg.score_batches))
+    scores = saliency_scores(model, score_iter, C, layers, hidden, cfg.score)  # (C, L_g, H)
+    picked = [top_gates(scores[c], layers, cfg.gates) for c in range(C)]
+    gates = PackedGates([p[0] for p in picked], [p[1] for p in picked], hidden, cfg.max_log_gate, device)
+
+    # 2. fit all raw values together
+    stats_sets = [e[: cfg.stats_examples] for e in enc]
+    nll_before = packed_nll(model, stats_sets, None, pad)
+    val_enc = [encode_all(tokenizer, v, cfg.max_length, cfg.add_eos) for v in validation] if validation else None
+    best_val, best_raw, stale = [float("inf")] * C, gates.raw.detach().clone(), 0
+    eval_every = cfg.eval_every or max(1, cfg.steps // 10)
+    opt = torch.optim.AdamW([gates.raw], lr=cfg.lr, weight_decay=0.0)
+    samplers = [BatchSampler(len(e), cfg.batch_size, cfg.seed + 1) for e in enc]
+    steps_run = 0
+    bar = tqdm(range(cfg.steps), desc=f"fit x{C}" if C > 1 else "fit", disable=not progress, leave=False)
+    for step in bar:
+        batch, row_ctrl = _pack(enc, [s.next() for s in samplers], pad)
+        batch, row_ctrl = batch.to(device), row_ctrl.to(device)
+        with attach(model, gates.rows(row_ctrl)):
+            tl = token_losses(model, batch)
+        loss_c = group_means(tl.nll, row_ctrl[tl.row], C)  # (C,) each controller's own mean
+        loss = loss_c.sum() + cfg.l2 * gates.log_gates().pow(2).mean(1).sum()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        steps_run = step + 1
+        bar.set_postfix(loss=f"{loss_c.mean().item():.4f}")
+        if val_enc and ((step + 1) % eval_every == 0 or step + 1 == cfg.steps):
+            val = packed_nll(model, val_enc, gates, pad)
+            improved = False
+            for c in range(C):
+                if val[c] < best_val[c]:
+                    best_val[c], improved = val[c], True
+                    best_raw[c] = gates.raw.detach()[c]
+            stale = 0 if improved else stale + 1
+            if cfg.patience and stale >= cfg.patience:
+                break
+    bar.close()
+    if val_enc:  # restore each controller's best checkpoint
+        with torch.no_grad():
+            gates.raw.copy_(best_raw)
+    nll_after = packed_nll(model, stats_sets, gates, pad)
+    seconds = time.perf_counter() - t0
+
+    base = new_meta(model)
+    out = []
+    for c in range(C):
+        fit_stats = {**asdict(cfg), "steps_run": steps_run, "train_nll_before": nll_before[c],
+                     "train_nll_after": nll_after[c], "seconds": seconds, "pack_size": C,
+                     "n_examples": len(datasets[c])}
+        if val_enc:
+            fit_stats["val_nll_best"] = best_val[c]
+        meta = {**base, "fit": fit_stats, "data_hash": data_hash(datasets[c]), **(extra_meta[c] if extra_meta else {})}
+        out.append(gates.controller(c, n_layers=n_layers, hidden_size=hidden, meta=meta).validate())
+    return out
+
+
+def fit_controller(model, tokenizer, examples: Sequence[Example], config: FitConfig | None = None,
+                   validation: Sequence[Example] | None = None, progress: bool = True) -> Controller:
+    return fit_controllers(model, tokenizer, [examples], config, [validation] if validation else None, progress)[0]

@@ -1,0 +1,51 @@
+"""Gate selection: first-order saliency of every (layer, channel) at s = 0.
+
+rule "abs" (the seed's):      score = sum over batches and positions of |dL/dh * h|
+rule "coherent":              score = |sum over batches and positions of dL/dh * h| = |dL/ds|
+Scores are computed for C controllers at once: each row carries its controller id, and
+each controller's loss is its own mean, so the scores stay independent.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+
+from .data import Batch
+from .gates import RowGates, attach
+from .objective import group_means, token_losses
+
+RULES = ("abs", "coherent")
+
+
+def saliency_scores(model, batches: Iterable[tuple[Batch, torch.Tensor]], n_ctrl: int,
+                    layers: list[int], hidden: int, rule: str = "abs") -> torch.Tensor:
+    """(n_ctrl, len(layers), hidden) float32 scores; batches yield (batch, row_ctrl)."""
+    if rule not in RULES:
+        raise ValueError(f"unknown selection rule {rule!r}; use one of {RULES}")
+    device = next(model.parameters()).device
+    total = torch.zeros(n_ctrl, len(layers), hidden, device=device)
+    for batch, row_ctrl in batches:
+        batch, row_ctrl = batch.to(device), row_ctrl.to(device)
+        s = torch.zeros(batch.input_ids.shape[0], len(layers), hidden, device=device, requires_grad=True)
+        with attach(model, RowGates(layers, s), record=(rule == "abs")) as hooks:
+            tl = token_losses(model, batch)
+            outs = [hooks.outputs[l] for l in layers] if rule == "abs" else []
+            for h in outs:
+                h.retain_grad()
+            group_means(tl.nll, row_ctrl[tl.row], n_ctrl).sum().backward()
+            if rule == "abs":
+                per_row = torch.stack([(h.grad.float() * h.float()).abs().sum(1) for h in outs], 1)
+            else:
+                per_row = s.grad  # dL/ds at s = 0 is sum_t dL/dh * h, per row
+        total.index_add_(0, row_ctrl, per_row.detach())
+    return total.abs() if rule == "coherent" else total
+
+
+def top_gates(scores: torch.Tensor, layers: list[int], k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Global top-k over (layer, channel) of one controller's (L_g, H) scores, no per-layer quota."""
+    k = min(k, scores.numel())
+    idx = torch.topk(scores.reshape(-1).cpu(), k).indices.sort().values
+    hidden = scores.shape[1]
+    return torch.tensor(layers)[idx // hidden], idx % hidden
