@@ -259,6 +259,11 @@ def inspect(
     emit(rep, as_json, render)
 
 
+from .dual_cli import register as _register_dual  # noqa: E402  research commands
+
+_register_dual(app)
+
+
 def _plug_in_groups() -> None:
     """Add command groups that other installed packages register (memory, jobs, serve, ...)."""
     for ep in entry_points(group="ntkmirror.cli"):

@@ -81,6 +81,7 @@ def embedded_model_dir() -> Path:
         try:
             model.save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)
+            tmp.chmod(0o755)
             os.replace(tmp, target)  # atomic: a reader sees the whole directory or none
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)

@@ -1,0 +1,135 @@
+"""The `MemoryStore` interface: one contract, two backends (local directory, Redis).
+
+Every method is scoped by tenant: a tenant can never read, search or infer another's items.
+`MemoryStore.from_url("redis://host:port/db")` gives the Redis backend; any other string is
+a local directory (the embedded default).
+"""
+
+from __future__ import annotations
+
+import re
+from abc import ABC, abstractmethod
+from dataclasses import asdict, dataclass, field
+from typing import Sequence
+
+from ntkmirror.controller import Controller
+from ntkmirror.errors import StoreError
+
+ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+DEFAULT_TENANT = "default"
+
+
+def validate_id(value: str, what: str = "id") -> str:
+    """Slugs only: no path separators, no '..', no leading dot, at most 128 chars."""
+    if not isinstance(value, str) or not ID_PATTERN.match(value) or ".." in value:
+        raise StoreError(f"invalid {what} {value!r}: use 1-128 letters, digits, '.', '_' or '-', "
+                         "starting with a letter or digit, without '..'")
+    return value
+
+
+@dataclass
+class MemoryItem:
+    tenant: str
+    id: str
+    version: int
+    text: str
+    tags: list[str] = field(default_factory=list)
+    metadata: dict = field(default_factory=dict)
+    controller_sha256: str = ""
+    num_gates: int = 0
+    model_name: str = ""
+    model_fingerprint: str = ""
+    data_hash: str = ""  # hash of the training data, for idempotent batch fits
+    created_at: float = 0.0
+    updated_at: float = 0.0
+    deleted: bool = False
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class SearchHit:
+    item: MemoryItem
+    score: float  # fused relevance in [0, 1]
+    weight: float = 0.0  # composition weight, softmax(score / temperature) over the hits
+    dense: float | None = None  # cosine of text embeddings
+    lexical: float | None = None  # BM25
+    controller: float | None = None  # cosine of controller sketches, when the query carries one
+
+    def to_dict(self) -> dict:
+        return {"item": self.item.to_dict(), "score": self.score, "weight": self.weight, "dense": self.dense,
+                "lexical": self.lexical, "controller": self.controller}
+
+
+class MemoryStore(ABC):
+    """Persistent controller memories with hybrid (dense + BM25) retrieval."""
+
+    @staticmethod
+    def from_url(url: str, **kwargs) -> "MemoryStore":
+        if str(url).startswith(("redis://", "rediss://", "unix://")):
+            from .redis import RedisStore
+
+            return RedisStore(str(url), **kwargs)
+        from .local import LocalStore
+
+        return LocalStore(url, **kwargs)
+
+    # ---- lifecycle
+    @abstractmethod
+    def put(self, tenant: str, id: str, controller: Controller, text: str, tags: Sequence[str] = (),
+            metadata: dict | None = None) -> MemoryItem:
+        """Store a memory; an existing id gets a new version (the old ones stay for rollback)."""
+
+    @abstractmethod
+    def get(self, tenant: str, id: str, version: int | None = None, include_deleted: bool = False) -> MemoryItem:
+        """The current (or a given) version; raises NotFound."""
+
+    @abstractmethod
+    def get_controller(self, tenant: str, id: str, version: int | None = None) -> Controller:
+        """The controller of the current (or a given) version."""
+
+    @abstractmethod
+    def list(self, tenant: str, tags: Sequence[str] | None = None, include_deleted: bool = False) -> list[MemoryItem]:
+        """Current versions, optionally only those carrying all of `tags`."""
+
+    @abstractmethod
+    def versions(self, tenant: str, id: str) -> list[MemoryItem]:
+        """Every stored version of an id, oldest first."""
+
+    @abstractmethod
+    def rollback(self, tenant: str, id: str, version: int | None = None) -> MemoryItem:
+        """Make an earlier version (default: the previous one) current again, as a new version."""
+
+    @abstractmethod
+    def delete(self, tenant: str, id: str, hard: bool = False) -> None:
+        """Soft delete hides the item (restorable by rollback); hard delete removes every version."""
+
+    # ---- retrieval
+    @abstractmethod
+    def search(self, tenant: str, query: str, top_k: int = 3, tags: Sequence[str] | None = None,
+               controller: Controller | None = None, fusion: str | None = None,
+               min_score: float | None = None) -> list[SearchHit]:
+        """Hybrid retrieval; no hits when nothing clears the relevance floor."""
+
+    @abstractmethod
+    def similar(self, tenant: str, id: str, top_k: int = 5) -> list[SearchHit]:
+        """Memories whose controllers act alike (cosine of controller sketches)."""
+
+    # ---- maintenance
+    @abstractmethod
+    def audit(self, tenant: str | None = None) -> dict:
+        """Missing blobs, orphans, mixed model identities; {'ok': bool, 'problems': [...], ...}."""
+
+    @abstractmethod
+    def tenants(self) -> list[str]:
+        ...
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
