@@ -174,7 +174,8 @@ def model_fingerprint(model, samples_per_tensor: int = 256) -> str:
     for i in sorted(picks):
         name, p = params[i]
         flat = p.detach().reshape(-1)
-        idx = torch.linspace(0, flat.numel() - 1, min(samples_per_tensor, flat.numel())).long().to(flat.device)
+        k = min(samples_per_tensor, flat.numel())
+        idx = (torch.arange(k) * (flat.numel() // k)).to(flat.device)  # evenly strided, integer exact
         vals = flat[idx].to(torch.bfloat16).view(torch.int16).cpu().numpy().tobytes()
         h.update(name.encode() + vals)
     fp = h.hexdigest()[:32]

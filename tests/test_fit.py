@@ -1,0 +1,72 @@
+import torch
+
+from ntkmirror import FitConfig, ForwardFineTuner, fit_controller, fit_controllers
+from ntkmirror.data import example_from_row
+from ntkmirror.evaluate import exact_match, teacher_forced
+from tiny import arithmetic_rows, tiny_model
+
+
+def examples(n, seed):
+    return [example_from_row(r) for r in arithmetic_rows(n, seed)]
+
+
+def test_fit_lowers_training_nll(model, tok):
+    train = examples(24, 1)
+    cfg = FitConfig(gates=48, steps=40, lr=5e-2, max_log_gate=1.0, score_batches=2, batch_size=8)
+    c = fit_controller(model, tok, train, cfg, progress=False)
+    f = c.meta["fit"]
+    assert f["train_nll_after"] < f["train_nll_before"] - 0.05
+    assert c.num_gates == 48 and c.meta["data_hash"] and c.meta["model_fingerprint"]
+    # the reported numbers are real: recompute them
+    assert abs(teacher_forced(model, tok, train, c)["nll"] - f["train_nll_after"]) < 1e-4
+
+
+def test_batched_multi_controller_fit_equals_separate_fits(tok):
+    model = tiny_model().double()  # float64 makes the comparison crisp
+    sets = [examples(12, s) for s in (1, 2, 3)]
+    cfg = FitConfig(gates=20, steps=6, lr=1e-2, max_log_gate=0.3, score_batches=2, batch_size=4)
+    together = fit_controllers(model, tok, sets, cfg, progress=False)
+    for ds, c in zip(sets, together):
+        alone = fit_controller(model, tok, ds, cfg, progress=False)
+        assert torch.equal(alone.layer, c.layer) and torch.equal(alone.channel, c.channel)
+        torch.testing.assert_close(alone.raw, c.raw, atol=1e-5, rtol=1e-4)
+    # different data gives different gates: the pack did not share parameters
+    assert not torch.allclose(together[0].raw, together[1].raw)
+
+
+def test_validation_restores_best_and_seed_is_deterministic(model, tok):
+    train, val = examples(16, 1), examples(8, 9)
+    kw = dict(gates=16, steps=8, lr=5e-2, max_log_gate=0.5, score_batches=1, batch_size=4, eval_every=2)
+    a = ForwardFineTuner(model, tok, **kw).fit(train, validation=val, progress=False)
+    b = ForwardFineTuner(model, tok, **kw).fit(train, validation=val, progress=False)
+    assert torch.equal(a.raw, b.raw)
+    assert abs(teacher_forced(model, tok, val, a)["nll"] - a.meta["fit"]["val_nll_best"]) < 1e-4
+
+
+def test_coherent_selection_rule_differs(model, tok):
+    train = examples(16, 1)
+    kw = dict(gates=10, steps=0, score_batches=2, batch_size=8)
+    a = fit_controller(model, tok, train, FitConfig(score="abs", **kw), progress=False)
+    b = fit_controller(model, tok, train, FitConfig(score="coherent", **kw), progress=False)
+    assert a.num_gates == b.num_gates == 10
+    assert not (torch.equal(a.layer, b.layer) and torch.equal(a.channel, b.channel))
+
+
+def test_exact_match_reads_the_first_answer():
+    assert exact_match(" 41\nQuestion: 1 + 1 = ?\nAnswer: 2", " 41")
+    assert not exact_match(" 14 + 27 = 41", " 41")
+    assert not exact_match(" 40\n41", " 41")
+    assert exact_match("Step 1: 7\n  Answer:   41 ", "Step 1: 7\nAnswer: 41")
+    assert not exact_match("", " 41")
+
+
+def test_tuner_generate_and_evaluate(model, tok):
+    tuner = ForwardFineTuner(model, tok, gates=16, lr=5e-2, max_log_gate=0.5, score_batches=1)
+    tuner.fit(examples(8, 1), steps=3, progress=False)
+    out = tuner.generate("Question: 12 + 30 = ?\nAnswer:", max_new_tokens=4)
+    assert isinstance(out, str)
+    res = tuner.evaluate(examples(4, 5), max_new_tokens=4)
+    assert set(res) == {"base", "controller"}
+    for r in res.values():
+        assert {"nll", "token_accuracy", "exact_match", "examples"} <= set(r) and r["examples"] == 4
+    assert res["base"]["nll"] != res["controller"]["nll"]
