@@ -52,12 +52,12 @@ def row_gates(rows: Sequence[Sequence[tuple[Controller, float]]], n_layers: int,
 
 
 def _gated(h: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-    """exp(s) * h in float32, cast back: in bf16, exp(s) for |s| < ~0.004 rounds to 1."""
+    """exp(s) * h in at least float32, cast back: in bf16, exp(s) for |s| < ~0.004 rounds to 1."""
     if s.dim() == 2:  # (B, H) per row -> broadcast over tokens
         if s.shape[0] not in (1, h.shape[0]):
             raise ControllerError(f"gate tensor has {s.shape[0]} rows, the batch has {h.shape[0]}")
         s = s[:, None, :]
-    return (h.float() * torch.exp(s)).to(h.dtype)
+    return (h.to(torch.promote_types(h.dtype, torch.float32)) * torch.exp(s)).to(h.dtype)
 
 
 class GateHooks:
