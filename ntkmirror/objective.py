@@ -24,8 +24,8 @@ class TokenLoss:
     row: torch.Tensor  # (N,) row index of each token
 
 
-def token_losses(model, batch: Batch) -> TokenLoss:
-    """Per-token NLL at every supervised position (labels shifted by one)."""
+def supervised_logits(model, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(logits (N, V) in at least float32, targets (N,), row (N,)) at every supervised position."""
     targets_all = batch.labels[:, 1:]
     mask = targets_all != -100  # (B, T-1)
     row = torch.arange(batch.labels.shape[0], device=mask.device)[:, None].expand_as(mask)[mask]
@@ -34,11 +34,16 @@ def token_losses(model, batch: Batch) -> TokenLoss:
     if plain:
         hidden = model.base_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
                                   use_cache=False).last_hidden_state  # (B, T, H)
-        logits = head(hidden[:, :-1][mask]).float()  # (N, V)
+        logits = head(hidden[:, :-1][mask])  # (N, V)
     else:
         logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                       use_cache=False).logits[:, :-1][mask].float()
-    targets = targets_all[mask]
+                       use_cache=False).logits[:, :-1][mask]
+    return logits.to(torch.promote_types(logits.dtype, torch.float32)), targets_all[mask], row
+
+
+def token_losses(model, batch: Batch) -> TokenLoss:
+    """Per-token NLL at every supervised position (labels shifted by one)."""
+    logits, targets, row = supervised_logits(model, batch)
     nll = F.cross_entropy(logits, targets, reduction="none")
     return TokenLoss(nll, logits.argmax(-1) == targets, row)
 
