@@ -1,0 +1,132 @@
+"""The `ntkmirror` CLI end to end on a tiny model directory, and its bad-input contract."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import write_jsonl
+from ntkmirror import Controller
+from ntkmirror.cli import main
+from test_controller import make_controller
+from tiny import tiny_model
+
+FAST = ["--gates", "16", "--steps", "3", "--score-batches", "1", "--batch-size", "4"]
+
+
+def run(capsys, *args):
+    code = main([str(a) for a in args])
+    cap = capsys.readouterr()
+    return code, cap.out, cap.err
+
+
+def test_fit_eval_generate_compose_inspect(tmp_path, capsys, tiny_model_dir, train_file, eval_file):
+    ctrl = tmp_path / "c.safetensors"
+    code, out, _ = run(capsys, "fit", "--model", tiny_model_dir, "--train", train_file, "--out", ctrl, *FAST,
+                       "--validation", eval_file, "--json")
+    assert code == 0, out
+    rep = json.loads(out)
+    assert rep["gates"] == 16 and rep["bytes"] == ctrl.stat().st_size and "train_nll_after" in rep
+    assert Controller.load(ctrl).num_gates == 16
+
+    code, out, _ = run(capsys, "eval", "--model", tiny_model_dir, "--controller", ctrl, "--eval", eval_file,
+                       "--max-new-tokens", "3", "--json")
+    assert code == 0
+    res = json.loads(out)
+    assert res["base"]["examples"] == res["controller"]["examples"] == 6
+    assert {"nll", "token_accuracy", "exact_match"} <= set(res["controller"])
+
+    code, out, _ = run(capsys, "generate", "--model", tiny_model_dir, "--controller", ctrl,
+                       "--prompt", "Question: 1 + 2 = ?\\nAnswer:", "--max-new-tokens", "3", "--json")
+    assert code == 0 and json.loads(out)["prompt"] == "Question: 1 + 2 = ?\nAnswer:"
+
+    pt = tmp_path / "c.pt"
+    code, out, _ = run(capsys, "compose", "--controllers", ctrl, "--controllers", ctrl, "--out", pt,
+                       "--weights", "1", "--weights", "0.5", "--report", tmp_path / "r.json")
+    assert code == 0 and pt.exists() and json.loads((tmp_path / "r.json").read_text())["weights"] == [1.0, 0.5]
+
+    code, out, _ = run(capsys, "inspect", "--controllers", ctrl, "--controllers", pt, "--json")
+    assert code == 0 and len(json.loads(out)["controllers"]) == 2
+    code, out, _ = run(capsys, "inspect", "--controllers", ctrl)
+    assert code == 0 and "controllers" in out  # the human-readable table
+
+
+def test_every_command_has_help():
+    for cmd in ([], ["fit"], ["eval"], ["generate"], ["compose"], ["inspect"]):
+        r = subprocess.run([sys.executable, "-m", "ntkmirror.cli", *cmd, "--help"], capture_output=True, text=True)
+        assert r.returncode == 0 and "Usage" in r.stdout, (cmd, r.stderr)
+
+
+@pytest.fixture()
+def bad_inputs(tmp_path):
+    d = {}
+    d["malformed"] = write_jsonl(tmp_path / "malformed.jsonl", ['{"prompt": "a", "completion": " b"}', '{"prompt":'])
+    d["schema"] = write_jsonl(tmp_path / "schema.jsonl", [{"foo": "bar"}])
+    d["empty"] = write_jsonl(tmp_path / "empty.jsonl", [{"prompt": "a", "completion": ""}])
+    return d
+
+
+@pytest.mark.parametrize("case, extra, message, code", [
+    ("malformed", [], "malformed.jsonl:2: malformed JSON", 2),
+    ("schema", [], "schema.jsonl:1: unknown row schema", 2),
+    ("empty", [], "empty.jsonl:1: empty completion", 2),
+    ("good", ["--max-length", "1"], "no supervised token left", 2),
+    ("good", ["--layers", "first:3"], "unknown --layers spec", 2),
+    ("missing", [], "no such file", 2),
+    ("good", ["--gates", "0"], "--gates must be positive", 2),
+])
+def test_fit_bad_input_exits_nonzero_and_writes_nothing(tmp_path, capsys, tiny_model_dir, train_file, bad_inputs,
+                                                        case, extra, message, code):
+    train = {"good": train_file, "missing": tmp_path / "missing.jsonl"}.get(case) or bad_inputs[case]
+    out = tmp_path / "out.safetensors"
+    rc, _, err = run(capsys, "fit", "--model", tiny_model_dir, "--train", train, "--out", out, *FAST, *extra)
+    assert rc == code and message in " ".join(err.split()), err
+    assert not out.exists() and "Traceback" not in err
+
+
+def test_bad_controllers_are_refused_by_eval(tmp_path, capsys, tiny_model_dir, eval_file):
+    model = tiny_model()  # same weights as tiny_model_dir
+    good = make_controller(model)
+    cases = {}
+    for name, mutate in {"nan": lambda c: c.raw.__setitem__(0, float("nan")),
+                         "range": lambda c: c.channel.__setitem__(0, 10_000),
+                         "dup": lambda c: (c.layer.__setitem__(1, c.layer[0]), c.channel.__setitem__(1, c.channel[0]))
+                         }.items():
+        c = make_controller(model)
+        mutate(c)
+        cases[name] = tmp_path / f"{name}.safetensors"
+        cases[name].write_bytes(c.to_bytes())
+    other = make_controller(tiny_model(seed=7))
+    cases["other-model"] = other.save(tmp_path / "other.safetensors")
+    messages = {"nan": "NaN", "range": "channel index out of range", "dup": "duplicate",
+                "other-model": "fitted on another model"}
+    for name, path in cases.items():
+        rc, out, err = run(capsys, "eval", "--model", tiny_model_dir, "--controller", path, "--eval", eval_file)
+        assert rc == 3 and messages[name] in " ".join(err.split()), (name, err)
+    rc, _, _ = run(capsys, "eval", "--model", tiny_model_dir, "--controller", cases["other-model"], "--eval",
+                   eval_file, "--allow-model-mismatch", "--no-exact-match", "--json")
+    assert rc == 0
+    good.save(tmp_path / "good.safetensors")
+    rc, _, err = run(capsys, "generate", "--model", tiny_model_dir, "--controller", tmp_path / "nope.safetensors",
+                     "--prompt", "x")
+    assert rc == 3 and "no such controller file" in err
+
+
+def test_compose_bad_input_writes_nothing(tmp_path, capsys):
+    a = make_controller(tiny_model()).save(tmp_path / "a.safetensors")
+    b = make_controller(tiny_model(seed=4)).save(tmp_path / "b.safetensors")
+    out = tmp_path / "ab.safetensors"
+    rc, _, err = run(capsys, "compose", "--controllers", a, "--controllers", b, "--out", out)
+    assert rc == 3 and "different models" in err and not out.exists()
+    rc, _, err = run(capsys, "compose", "--controllers", a, "--controllers", a, "--weights", "1", "--out", out)
+    assert rc == 2 and "weights" in err and not out.exists()
+
+
+def test_console_script_exit_code(tmp_path):
+    script = Path(sys.executable).parent / "ntkmirror"  # the installed console script
+    r = subprocess.run([str(script), "inspect", "--controllers", str(tmp_path / "missing.pt")],
+                       capture_output=True, text=True)
+    assert r.returncode == 3 and "no such controller file" in r.stderr and "Traceback" not in r.stderr
