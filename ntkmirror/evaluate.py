@@ -51,24 +51,30 @@ def teacher_forced(model, tokenizer, examples: Sequence[Example], gates: RowGate
 
 @torch.no_grad()
 def generate(model, tokenizer, prompts: Sequence[str], gates: RowGates | Controller | None = None,
-             max_new_tokens: int = 128, batch_size: int = 8, temperature: float = 0.0,
+             max_new_tokens: int | Sequence[int] = 128, batch_size: int = 8, temperature: float = 0.0,
              seed: int | None = None) -> list[str]:
-    """Continue each prompt (greedy unless temperature > 0); returns only the new text."""
+    """Continue each prompt (greedy unless temperature > 0); returns only the new text.
+
+    `max_new_tokens` may be one limit per prompt: a batch runs to its largest limit and each
+    row is cut to its own (greedy decoding is causal, so the cut row equals a shorter run).
+    """
     gates = _as_gates(model, gates)
     device, pad, eos = _device(model), pad_id(tokenizer), tokenizer.eos_token_id
+    limits = [max_new_tokens] * len(prompts) if isinstance(max_new_tokens, int) else list(max_new_tokens)
     if seed is not None:
         torch.manual_seed(seed)
     texts = []
     for lo in range(0, len(prompts), batch_size):
         ids = [encode_prompt(tokenizer, p) or [tokenizer.bos_token_id or eos] for p in prompts[lo: lo + batch_size]]
+        lim = limits[lo: lo + len(ids)]
         T = max(map(len, ids))
         input_ids = torch.tensor([[pad] * (T - len(x)) + x for x in ids], device=device)
         mask = torch.tensor([[0] * (T - len(x)) + [1] * len(x) for x in ids], device=device)
         sample = {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}
         with attach(model, _slice(gates, lo, lo + len(ids))):
-            out = model.generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=max_new_tokens,
+            out = model.generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=max(lim),
                                  pad_token_id=pad, eos_token_id=eos, top_p=None, top_k=None, **sample)
-        texts += tokenizer.batch_decode(out[:, T:], skip_special_tokens=True)
+        texts += [tokenizer.decode(row[T: T + k], skip_special_tokens=True) for row, k in zip(out, lim)]
     return texts
 
 
