@@ -101,7 +101,7 @@ def packed_nll(model, encoded_sets, gates: PackedGates | None, pad: int, rows_pe
     """Token-weighted mean NLL of each controller on its own examples (no gates: base model)."""
     device = next(model.parameters()).device
     C = len(encoded_sets)
-    sums, counts = torch.zeros(C, device=device), torch.zeros(C, device=device)
+    sums, counts = torch.zeros(C, device=device, dtype=torch.float64), torch.zeros(C, device=device, dtype=torch.float64)
     jobs = [(c, i) for c, enc in enumerate(encoded_sets) for i in range(len(enc))]
     for start in range(0, len(jobs), rows_per_step):
         chunk = jobs[start: start + rows_per_step]
@@ -110,9 +110,25 @@ def packed_nll(model, encoded_sets, gates: PackedGates | None, pad: int, rows_pe
         with attach(model, gates.rows(row_ctrl) if gates is not None else None):
             tl = token_losses(model, batch)
         owner = row_ctrl[tl.row]
-        sums.index_add_(0, owner, tl.nll)
-        counts.index_add_(0, owner, torch.ones_like(tl.nll))
+        sums.index_add_(0, owner, tl.nll.double())  # float64: exact for float64 models too
+        counts.index_add_(0, owner, torch.ones_like(sums[owner]))
     return (sums / counts.clamp_min(1)).tolist()
+
+
+def train_step(model, gates: PackedGates, opt, batch: Batch, row_ctrl: torch.Tensor, l2: float) -> torch.Tensor:
+    """One optimiser step for all C packed controllers; returns each one's loss, (C,).
+
+    Autograd starts at the lowest gated layer: the weights are frozen, so nothing below it
+    needs a gradient and no graph is kept there."""
+    C = gates.raw.shape[0]
+    with attach(model, gates.rows(row_ctrl)):  # (B, L_g, H) gates, row r -> controller row_ctrl[r]
+        tl = token_losses(model, batch)
+    loss_c = group_means(tl.nll, row_ctrl[tl.row], C)  # (C,) each controller's own mean
+    loss = loss_c.sum() + l2 * gates.log_gates().pow(2).mean(1).sum()
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    return loss_c.detach()
 
 
 def fit_controllers(model, tokenizer, datasets: Sequence[Sequence[Example]], config: FitConfig | None = None,
@@ -150,16 +166,10 @@ def fit_controllers(model, tokenizer, datasets: Sequence[Sequence[Example]], con
     bar = tqdm(range(cfg.steps), desc=f"fit x{C}" if C > 1 else "fit", disable=not progress, leave=False)
     for step in bar:
         batch, row_ctrl = _pack(enc, [s.next() for s in samplers], pad)
-        batch, row_ctrl = batch.to(device), row_ctrl.to(device)
-        with attach(model, gates.rows(row_ctrl)):
-            tl = token_losses(model, batch)
-        loss_c = group_means(tl.nll, row_ctrl[tl.row], C)  # (C,) each controller's own mean
-        loss = loss_c.sum() + cfg.l2 * gates.log_gates().pow(2).mean(1).sum()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        loss_c = train_step(model, gates, opt, batch.to(device), row_ctrl.to(device), cfg.l2)
         steps_run = step + 1
-        bar.set_postfix(loss=f"{loss_c.mean().item():.4f}")
+        if progress and step % 10 == 0:  # .item() waits for the GPU: not every step
+            bar.set_postfix(loss=f"{loss_c.mean().item():.4f}")
         if val_enc and ((step + 1) % eval_every == 0 or step + 1 == cfg.steps):
             val = packed_nll(model, val_enc, gates, pad)
             improved = False

@@ -1,7 +1,9 @@
 """Teacher-forced loss on completion tokens, one mean per group of rows.
 
 Logits are computed only at supervised positions (the LM head is most of a small model's
-FLOPs at long sequence lengths) and upcast to float32.
+FLOPs at long sequence lengths) and upcast to float32. When the (N, V) float32 logits would be
+large (big vocabularies, many packed controllers) they are made chunk by chunk and recomputed
+in backward, so they never exist all at once.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from .data import Batch
 
@@ -24,28 +27,68 @@ class TokenLoss:
     row: torch.Tensor  # (N,) row index of each token
 
 
+# Above this many logits per batch the loss is computed in chunks of this size (256 MiB float32).
+LOGITS_CHUNK = 2**26
+
+
+def _plain_head(model):
+    """The output projection when logits are just head(hidden), else None."""
+    head = model.get_output_embeddings()
+    return head if head is not None and not any(getattr(model.config, k, None) for k in _LOGIT_POSTPROCESS) else None
+
+
 def supervised_logits(model, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(logits (N, V) in at least float32, targets (N,), row (N,)) at every supervised position."""
-    targets_all = batch.labels[:, 1:]
-    mask = targets_all != -100  # (B, T-1)
-    row = torch.arange(batch.labels.shape[0], device=mask.device)[:, None].expand_as(mask)[mask]
-    head = model.get_output_embeddings()
-    plain = head is not None and not any(getattr(model.config, k, None) for k in _LOGIT_POSTPROCESS)
-    if plain:
-        hidden = model.base_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                                  use_cache=False).last_hidden_state  # (B, T, H)
-        logits = head(hidden[:, :-1][mask])  # (N, V)
-    else:
-        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                       use_cache=False).logits[:, :-1][mask]
-    return logits.to(torch.promote_types(logits.dtype, torch.float32)), targets_all[mask], row
+    row, col, targets = _positions(batch)
+    return _logits_at(model, batch, row, col), targets, row
 
 
 def token_losses(model, batch: Batch) -> TokenLoss:
     """Per-token NLL at every supervised position (labels shifted by one)."""
-    logits, targets, row = supervised_logits(model, batch)
-    nll = F.cross_entropy(logits, targets, reduction="none")
-    return TokenLoss(nll, logits.argmax(-1) == targets, row)
+    head = _plain_head(model)
+    row, col, targets = _positions(batch)
+    if head is None or len(targets) * head.weight.shape[0] <= LOGITS_CHUNK:
+        logits = _logits_at(model, batch, row, col)
+        return TokenLoss(F.cross_entropy(logits, targets, reduction="none"), logits.argmax(-1) == targets, row)
+    hidden = _hidden(model, batch)[row, col]  # (N, H)
+    step = max(1, LOGITS_CHUNK // head.weight.shape[0])
+    parts = [_chunk_loss(head, hidden[i: i + step], targets[i: i + step]) for i in range(0, len(targets), step)]
+    return TokenLoss(torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]), row)
+
+
+def _logits_at(model, batch: Batch, row: torch.Tensor, col: torch.Tensor) -> torch.Tensor:
+    head = _plain_head(model)
+    if head is not None:
+        logits = head(_hidden(model, batch)[row, col])  # (N, V)
+    else:
+        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                       use_cache=False).logits[row, col]
+    return logits.to(torch.promote_types(logits.dtype, torch.float32))
+
+
+def _positions(batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(row, col, target) of every supervised prediction (col predicts the token at col + 1),
+    found before the forward pass so that its one host sync does not wait on a queued forward."""
+    targets_all = batch.labels[:, 1:]
+    row, col = (targets_all != -100).nonzero(as_tuple=True)  # (N,), (N,) row-major order
+    return row, col, targets_all[row, col]
+
+
+def _hidden(model, batch: Batch) -> torch.Tensor:
+    return model.base_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                            use_cache=False).last_hidden_state  # (B, T, H)
+
+
+def _chunk_loss(head, hidden, targets):
+    if torch.is_grad_enabled() and hidden.requires_grad:  # recompute the logits in backward
+        return checkpoint(_nll_correct, head, hidden, targets, use_reentrant=False)
+    return _nll_correct(head, hidden, targets)
+
+
+def _nll_correct(head, hidden, targets):
+    logits = head(hidden)
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # (n, V)
+    return F.cross_entropy(logits, targets, reduction="none"), logits.argmax(-1) == targets
 
 
 def group_means(values: torch.Tensor, group: torch.Tensor, n_groups: int) -> torch.Tensor:
