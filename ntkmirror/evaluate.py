@@ -7,6 +7,7 @@ batch, and may carry a different gate row per prompt.
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from typing import Sequence
 
 import torch
@@ -49,11 +50,18 @@ def teacher_forced(model, tokenizer, examples: Sequence[Example], gates: RowGate
     return {"nll": nll_sum / max(n, 1), "token_accuracy": correct / max(n, 1), "tokens": n}
 
 
+@dataclass
+class Generation:
+    text: str  # the new text only
+    new_tokens: int  # generated tokens, EOS excluded
+    stopped: bool  # ended on EOS (else it ran to its max_new_tokens)
+
+
 @torch.no_grad()
-def generate(model, tokenizer, prompts: Sequence[str], gates: RowGates | Controller | None = None,
-             max_new_tokens: int | Sequence[int] = 128, batch_size: int = 8, temperature: float = 0.0,
-             seed: int | None = None) -> list[str]:
-    """Continue each prompt (greedy unless temperature > 0); returns only the new text.
+def generate_rows(model, tokenizer, prompts: Sequence[str], gates: RowGates | Controller | None = None,
+                  max_new_tokens: int | Sequence[int] = 128, batch_size: int = 8, temperature: float = 0.0,
+                  seed: int | None = None) -> list[Generation]:
+    """Continue each prompt (greedy unless temperature > 0), with token counts.
 
     `max_new_tokens` may be one limit per prompt: a batch runs to its largest limit and each
     row is cut to its own (greedy decoding is causal, so the cut row equals a shorter run).
@@ -63,7 +71,7 @@ def generate(model, tokenizer, prompts: Sequence[str], gates: RowGates | Control
     limits = [max_new_tokens] * len(prompts) if isinstance(max_new_tokens, int) else list(max_new_tokens)
     if seed is not None:
         torch.manual_seed(seed)
-    texts = []
+    results = []
     for lo in range(0, len(prompts), batch_size):
         ids = [encode_prompt(tokenizer, p) or [tokenizer.bos_token_id or eos] for p in prompts[lo: lo + batch_size]]
         lim = limits[lo: lo + len(ids)]
@@ -74,8 +82,20 @@ def generate(model, tokenizer, prompts: Sequence[str], gates: RowGates | Control
         with attach(model, _slice(gates, lo, lo + len(ids))):
             out = model.generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=max(lim),
                                  pad_token_id=pad, eos_token_id=eos, top_p=None, top_k=None, **sample)
-        texts += [tokenizer.decode(row[T: T + k], skip_special_tokens=True) for row, k in zip(out, lim)]
-    return texts
+        for row, k in zip(out, lim):
+            new = row[T: T + k]
+            ends = (new == eos).nonzero() if eos is not None else new[:0]
+            n = int(ends[0]) if len(ends) else len(new)
+            results.append(Generation(tokenizer.decode(new[:n], skip_special_tokens=True), n, bool(len(ends))))
+    return results
+
+
+def generate(model, tokenizer, prompts: Sequence[str], gates: RowGates | Controller | None = None,
+             max_new_tokens: int | Sequence[int] = 128, batch_size: int = 8, temperature: float = 0.0,
+             seed: int | None = None) -> list[str]:
+    """Continue each prompt (greedy unless temperature > 0); returns only the new text."""
+    return [g.text for g in generate_rows(model, tokenizer, prompts, gates, max_new_tokens, batch_size,
+                                          temperature, seed)]
 
 
 def _lines(text: str) -> list[str]:
