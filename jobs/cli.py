@@ -13,7 +13,6 @@ import time
 from pathlib import Path
 from typing import List, Optional
 
-import click
 import typer
 
 from ntkmirror.cli import FIT_OPTIONS, JsonOpt, emit, err, fit_config, out
@@ -39,6 +38,7 @@ _CLIENT_ONLY = {"submit", "no_wait", "address"}
 
 @app.command()
 def fit(
+    ctx: typer.Context,
     manifest: Path = typer.Option(..., "--manifest", help="Parquet or JSONL: tenant, id, text, tags, "
                                                           "examples | examples_path"),
     store: str = typer.Option(..., "--store", help="redis://host:port/db or a local directory"),
@@ -63,7 +63,7 @@ def fit(
     if replicas < 1 or pack_size < 1:
         raise ConfigError("--replicas and --pack-size must be at least 1")
     if submit:
-        return _submit("jobs.fit_controllers", address, no_wait, as_json)
+        return _submit(ctx, "jobs.fit_controllers", address, no_wait, as_json)
     from .fit_controllers import run_fit_job
 
     summary = run_fit_job(manifest, store, report, replicas, pack_size, cfg, model, dtype, address, num_cpus,
@@ -75,6 +75,7 @@ def fit(
 
 @app.command()
 def dual(
+    ctx: typer.Context,
     support: Path = typer.Option(..., "--support", help="JSONL examples for the target field"),
     report: Path = typer.Option(..., "--report", help="Parquet report, one row per controller"),
     controller: Optional[List[Path]] = typer.Option(None, "--controller", help="controller file (repeatable)"),
@@ -109,7 +110,7 @@ def dual(
                      jvp_mode=jvp_mode, ridge=ridge, cg_iters=cg_iters, cg_tol=cg_tol, batch_size=batch_size,
                      max_length=max_length, seed=seed).validate()
     if submit:
-        return _submit("jobs.dual_diagnostics", address, no_wait, as_json)
+        return _submit(ctx, "jobs.dual_diagnostics", address, no_wait, as_json)
     from .dual_diagnostics import collect_controllers, run_dual_job
 
     sources = collect_controllers(controller or [], store, tenant, ids or [])
@@ -123,12 +124,11 @@ def dual(
 # ---------------------------------------------------------------- Ray Jobs API
 
 
-def _argv_of_current_command() -> list[str]:
+def _argv(ctx: typer.Context) -> list[str]:
     """The running command's flags, rebuilt from its parsed values (paths made absolute)."""
-    ctx = click.get_current_context()
     args: list[str] = []
     for p in ctx.command.params:
-        if not isinstance(p, click.Option) or p.name in _CLIENT_ONLY:
+        if p.param_type_name != "option" or p.name in _CLIENT_ONLY:
             continue
         value = ctx.params.get(p.name)
         if value is None or value == p.default or (p.multiple and not value):
@@ -150,10 +150,10 @@ def _absolute(v) -> str:
     return s
 
 
-def _submit(module: str, address: Optional[str], no_wait: bool, as_json: bool) -> None:
+def _submit(ctx: typer.Context, module: str, address: Optional[str], no_wait: bool, as_json: bool) -> None:
     from ray.job_submission import JobStatus, JobSubmissionClient
 
-    argv = _argv_of_current_command() + ["--address", "auto"]
+    argv = _argv(ctx) + ["--address", "auto"]
     entrypoint = shlex.join([sys.executable, "-m", module, *argv])
     try:
         client = JobSubmissionClient(address)
@@ -165,7 +165,7 @@ def _submit(module: str, address: Optional[str], no_wait: bool, as_json: bool) -
         while (status := client.get_job_status(job_id)) not in (JobStatus.SUCCEEDED, JobStatus.FAILED,
                                                                  JobStatus.STOPPED):
             time.sleep(1.0)
-        err.print(client.get_job_logs(job_id), markup=False, highlight=False, end="")
+        sys.stderr.write(client.get_job_logs(job_id))  # verbatim: no re-wrapping
     else:
         status = client.get_job_status(job_id)
     result = {"job_id": job_id, "status": str(status.value), "entrypoint": entrypoint}

@@ -20,7 +20,7 @@ from typing import Sequence
 from ntkmirror.errors import ConfigError, NtkMirrorError
 
 from .manifest import read_jsonl_rows
-from .report import Progress, write_parquet
+from .report import Progress, plan_packs, write_parquet
 
 
 def collect_controllers(files: Sequence[str | Path] = (), store: str | None = None, tenant: str | None = None,
@@ -71,13 +71,13 @@ def run_dual_job(controllers: list[tuple[str, bytes | None, str | None]], suppor
     rows: dict[int, dict] = {k: {"source": src, "status": "error", "error": err}
                              for k, (src, _, err) in enumerate(controllers) if err}
     todo = [k for k in range(len(controllers)) if k not in rows]
-    packs = [todo[i: i + pack_size] for i in range(0, len(todo), max(1, pack_size))]
-    bar = Progress(len(controllers), len(rows), "dual", progress)
+    packs = plan_packs(todo, pack_size, replicas)
     if packs:
         with ray_session(address, num_cpus=num_cpus):
             own = pool is None
             if own:
                 pool = ReplicaPool(replicas, model, gpus_per_replica, cpus_per_replica, dtype)
+            bar = Progress(len(controllers), len(rows), "dual", progress)  # after model loads: a true rate
             try:
                 calls = [([controllers[k][1] for k in pack], sup, cal) for pack in packs]
                 for p, reps in pool.map("diagnose", calls, config=asdict(cfg),
@@ -88,9 +88,9 @@ def run_dual_job(controllers: list[tuple[str, bytes | None, str | None]], suppor
                         rows[k] = {"source": controllers[k][0], "status": status, "error": None, **rep}
                     bar.update(len(packs[p]), f"pack {p + 1}/{len(packs)} diagnosed")
             finally:
+                bar.close()
                 if own:
                     pool.shutdown()
-    bar.close()
     ordered = [rows[k] for k in range(len(controllers))]
     write_parquet(ordered, report)
     return {"report": str(report), "controllers": len(ordered), "ok": sum(r["status"] == "ok" for r in ordered),

@@ -11,7 +11,6 @@ with its error and the others go on.
 
 from __future__ import annotations
 
-import math
 import sys
 import time
 from contextlib import nullcontext
@@ -24,7 +23,7 @@ from ntkmirror.errors import NotFound, NtkMirrorError
 from ntkmirror.fit import FitConfig
 
 from .manifest import ManifestItem, read_manifest
-from .report import Progress, write_parquet
+from .report import Progress, plan_packs, write_parquet
 
 REPORT_COLUMNS = ("line", "tenant", "id", "status", "version", "data_hash", "gates", "train_nll_before",
                   "train_nll_after", "seconds", "error")
@@ -48,12 +47,6 @@ def _stored_hash(store: MemoryStore, item: ManifestItem) -> str | None:
         return store.get(item.tenant, item.id).data_hash
     except NotFound:
         return None
-
-
-def plan_packs(items: list, pack_size: int, replicas: int) -> list[list]:
-    """Consecutive packs of at most pack_size, smaller when that keeps every replica busy."""
-    size = max(1, min(pack_size, math.ceil(len(items) / max(replicas, 1))))
-    return [items[i: i + size] for i in range(0, len(items), size)]
 
 
 def run_fit_job(manifest: str | Path, store: str | MemoryStore, report: str | Path, replicas: int = 1,

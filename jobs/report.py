@@ -1,13 +1,20 @@
-"""Parquet reports and progress lines shared by the batch jobs."""
+"""What the batch jobs share: packing work, Parquet reports, progress lines."""
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 import tempfile
 from pathlib import Path
 
 from tqdm.auto import tqdm
+
+
+def plan_packs(items: list, pack_size: int, replicas: int) -> list[list]:
+    """Consecutive packs of at most pack_size, smaller when that keeps every replica busy."""
+    size = max(1, min(pack_size, math.ceil(len(items) / max(replicas, 1))))
+    return [items[i: i + size] for i in range(0, len(items), size)]
 
 
 def write_parquet(rows: list[dict], path: str | Path, schema=None) -> Path:
