@@ -51,3 +51,66 @@ def train_file(tmp_path):
 @pytest.fixture()
 def eval_file(tmp_path):
     return write_jsonl(tmp_path / "eval.jsonl", arithmetic_rows(6, seed=2))
+
+
+# ---------------------------------------------------------------- Redis (memory store, services)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory):
+    """A real redis-server on a free port in a tmp dir, for the whole session; yields its URL."""
+    import shutil
+    import subprocess
+    import time
+
+    exe = shutil.which("redis-server") or "/usr/bin/redis-server"
+    if not Path(exe).exists():
+        pytest.skip("redis-server is not installed")
+    import redis
+
+    d = tmp_path_factory.mktemp("redis")
+    for _ in range(5):  # the port may be taken between picking and binding: retry
+        port = _free_port()
+        proc = subprocess.Popen([exe, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(d), "--save", "",
+                                 "--appendonly", "no", "--logfile", str(d / "redis.log")],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        url = f"redis://127.0.0.1:{port}/0"
+        for _ in range(100):
+            if proc.poll() is not None:
+                break
+            try:
+                redis.Redis.from_url(url, socket_connect_timeout=0.2).ping()
+                break
+            except redis.ConnectionError:
+                time.sleep(0.05)
+        if proc.poll() is None:
+            break
+    else:
+        pytest.fail(f"could not start redis-server (see {d / 'redis.log'})")
+    try:
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+@pytest.fixture()
+def redis_url(redis_server):
+    """The session's Redis, emptied (FLUSHALL) for each test."""
+    import redis
+
+    client = redis.Redis.from_url(redis_server)
+    client.flushall()
+    client.close()
+    return redis_server
