@@ -122,7 +122,8 @@ class Controller:
                 "n_layers": self.n_layers, "hidden_size": self.hidden_size, **self.meta}
 
     def to_bytes(self, fmt: str = "safetensors") -> bytes:
-        tensors = {"layer": self.layer.contiguous(), "channel": self.channel.contiguous(),
+        # indices are stored as int32 (half the bytes of int64); read back as int64
+        tensors = {"layer": self.layer.to(torch.int32).contiguous(), "channel": self.channel.to(torch.int32).contiguous(),
                    "raw": self.raw.contiguous()}
         if fmt == "safetensors":
             from safetensors.torch import save
