@@ -34,3 +34,13 @@ def test_short_fit_lowers_nll_and_generates(embedded, tmp_path):
     assert torch.equal(again.raw, c.raw)
     text = tuner.generate("Question: 47 + 36 = ?\nAnswer:", max_new_tokens=4)
     assert isinstance(text, str) and text
+
+
+def test_gguf_path_loads_the_same_model(embedded):
+    from ntkmirror.models import embedded_gguf_path
+
+    model, _ = embedded
+    direct, tok = load_model(str(embedded_gguf_path()))
+    assert model_fingerprint(direct) == model_fingerprint(model)  # a controller moves between the two
+    ids = tok("Question: 1 + 2 = ?", return_tensors="pt").input_ids
+    torch.testing.assert_close(direct(ids).logits, model(ids).logits)

@@ -1,0 +1,89 @@
+"""Core numbers on CPU for the embedded default model: model load time (first, cached), fit time
+per step and peak RSS (gates 5000, batch 8), controller file size.
+
+    python benchmarks/core_cpu.py [--steps 10] [--threads 2] [--out runs/bench/core_cpu.json]
+
+Each load is timed in a fresh subprocess; "first" uses an empty cache directory, so it includes
+dequantising the GGUF and writing the safetensors cache.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+LOAD = "import time; t=time.perf_counter(); from ntkmirror import load_model; load_model(); print(time.perf_counter()-t)"
+
+
+def timed_load(cache: str) -> float:
+    env = {**os.environ, "NTKMIRROR_CACHE": cache}
+    out = subprocess.run([sys.executable, "-c", LOAD], env=env, capture_output=True, text=True, check=True)
+    return float(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--seq-len", type=int, default=64, help="tokens per row (examples padded/cut to this)")
+    ap.add_argument("--out", default="runs/bench/core_cpu.json")
+    args = ap.parse_args()
+
+    import torch
+
+    torch.set_num_threads(args.threads)
+    with tempfile.TemporaryDirectory() as cache:
+        first = timed_load(cache)
+        cached = timed_load(cache)
+
+    from ntkmirror import FitConfig, fit_controller, load_model
+    from ntkmirror.data import Example
+
+    model, tok = load_model()
+    # rows of about seq_len tokens: a long prompt and a short completion, like a worked answer
+    filler = " ".join(f"{i} + {i + 1} = {2 * i + 1}." for i in range(200))
+    ids = tok(filler, add_special_tokens=False)["input_ids"][: args.seq_len - 8]
+    prompt = tok.decode(ids)
+    train = [Example(prompt + f"\nQuestion: {a} + 17 = ?\nAnswer:", f" {a + 17}") for a in range(10, 74)]
+
+    # selection + fit with one step, then with N steps: the difference is N-1 steps
+    base_cfg = dict(gates=5000, batch_size=8, score_batches=2, max_length=args.seq_len, stats_examples=8)
+    t0 = time.perf_counter()
+    fit_controller(model, tok, train, FitConfig(steps=1, **base_cfg), progress=False)
+    one = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    c = fit_controller(model, tok, train, FitConfig(steps=args.steps + 1, **base_cfg), progress=False)
+    many = time.perf_counter() - t0
+    per_step = (many - one) / args.steps
+    with tempfile.TemporaryDirectory() as d:
+        size_st = c.save(Path(d) / "c.safetensors").stat().st_size
+        size_pt = c.save(Path(d) / "c.pt").stat().st_size
+    peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB -> MiB on Linux
+
+    res = {"cpu": platform.processor() or platform.machine(), "threads": args.threads, "torch": torch.__version__,
+           "load_first_s": first, "load_cached_s": cached, "fit_step_s": per_step, "batch": 8,
+           "seq_len": args.seq_len, "gates": 5000, "peak_rss_mib": peak_rss,
+           "controller_bytes_safetensors": size_st, "controller_bytes_pt": size_pt}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(res, indent=2))
+    print(f"{'metric':<34}{'value':>12}")
+    for k, label, fmt in [("load_first_s", "model load, first (s)", "{:.1f}"),
+                          ("load_cached_s", "model load, cached (s)", "{:.1f}"),
+                          ("fit_step_s", f"fit step, 5000 gates, 8x{args.seq_len} (s)", "{:.2f}"),
+                          ("peak_rss_mib", "peak RSS (MiB)", "{:.0f}"),
+                          ("controller_bytes_safetensors", "controller file, safetensors (B)", "{}"),
+                          ("controller_bytes_pt", "controller file, .pt (B)", "{}")]:
+        print(f"{label:<34}{fmt.format(res[k]):>12}")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
