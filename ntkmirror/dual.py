@@ -268,8 +268,10 @@ def target_field(model, obs: Observable, s: torch.Tensor, support: Batch, eta: f
 
 def conjugate_gradient(matvec: Callable, b: torch.Tensor, iters: int, tol: float,
                        on_iter: Callable | None = None) -> tuple[torch.Tensor, list[float]]:
-    """CG for a symmetric positive definite operator from x = 0; history of ||r|| / ||b||."""
-    x, r = torch.zeros_like(b), b.clone()
+    """CG for a symmetric positive definite operator from x = 0; history of ||r|| / ||b||.
+
+    on_iter(residual, x, Kx) sees every iterate with its image Kx (kept up to date for free)."""
+    x, r, Kx = torch.zeros_like(b), b.clone(), torch.zeros_like(b)
     p, rr, bn = r.clone(), r @ r, b.norm().item()
     hist = [1.0 if bn > 0 else 0.0]
     while len(hist) <= iters and hist[-1] > tol:
@@ -279,13 +281,14 @@ def conjugate_gradient(matvec: Callable, b: torch.Tensor, iters: int, tol: float
             break
         alpha = rr / pKp
         x += alpha * p
+        Kx += alpha * Kp
         r -= alpha * Kp
         rr_new = r @ r
         hist.append(rr_new.sqrt().item() / bn)
         p = r + (rr_new / rr) * p
         rr = rr_new
         if on_iter:
-            on_iter(hist[-1])
+            on_iter(hist[-1], x, Kx)
     return x, hist
 
 
@@ -342,8 +345,14 @@ def solve_field(obs: Observable, s: torch.Tensor, d: torch.Tensor, F0: torch.Ten
 
     adjoint_error, symmetry_error = _probe_errors(tan, K, d.numel(), s.numel(), d, cfg.probes, gen)
     bar = tqdm(total=cfg.cg_iters, desc="CG", disable=not progress, leave=False)
-    a, hist = conjugate_gradient(K, d, cfg.cg_iters, cfg.cg_tol,
-                                 lambda r: (bar.update(1), bar.set_postfix(residual=f"{r:.2e}")))
+    range_hist = [1.0]  # ||d - B u_k|| / ||d|| of every iterate: B u_k = K a_k - ridge a_k
+
+    def on_iter(r, a, Ka):
+        range_hist.append(_rel(d - (Ka - cfg.ridge * a), d))
+        bar.update(1)
+        bar.set_postfix(residual=f"{r:.2e}", range=f"{range_hist[-1]:.2e}")
+
+    a, hist = conjugate_gradient(K, d, cfg.cg_iters, cfg.cg_tol, on_iter)
     bar.close()
     u = minv * tan.vjp(a)  # the M-minimum-norm update
     Bu = tan.jvp(u)
@@ -355,6 +364,7 @@ def solve_field(obs: Observable, s: torch.Tensor, d: torch.Tensor, F0: torch.Ten
     report = {
         "adjoint_error": adjoint_error, "symmetry_error": symmetry_error,
         "cg_iterations": len(hist) - 1, "cg_residuals": hist, "cg_converged": hist[-1] <= cfg.cg_tol,
+        "cg_range_residuals": range_hist,
         "cg_true_residual": _rel(d - Bu - cfg.ridge * a, d),
         "range_residual": _rel(d - Bu, d), "range_cosine": _cos(Bu, d),
         "realized_residual": _rel(d - real, d), "realized_cosine": _cos(real, d),

@@ -25,6 +25,7 @@ def _g(x) -> str:
 
 def register(app) -> None:
     """Add the research commands to the `ntkmirror` Typer app."""
+    from rich import box
     from rich.table import Table
 
     from .cli import FIT_OPTIONS, DeviceOpt, JsonOpt, MismatchOpt, ModelOpt, emit, load, load_controller, out
@@ -121,10 +122,11 @@ def register(app) -> None:
         _write_json(report, rep)
 
         def render(d):
-            t = Table(title=f"fit-dual: {d['gates']} gates, projection {projection}, metric {metric}")
-            cols = {"step": "step", "support_nll": "support NLL", "d_norm": "|d|", "u_norm": "|u|",
-                    "cg_iterations": "CG it", "range_residual": "range res", "realized_residual": "realised res",
-                    "field_residual": "field res", "clip_fraction": "clipped", "elapsed_seconds": "s"}
+            t = Table(title=f"fit-dual: {d['gates']} gates, projection {projection}, metric {metric}",
+                      box=box.SIMPLE_HEAD, collapse_padding=True, pad_edge=False)
+            cols = {"step": "step", "support_nll": "NLL", "d_norm": "|d|", "u_norm": "|u|", "cg_iterations": "CG",
+                    "range_residual": "range", "realized_residual": "realised", "field_residual": "field",
+                    "clip_fraction": "clipped", "elapsed_seconds": "s"}
             for name in cols.values():
                 t.add_column(name, justify="right")
             for r in d["steps"]:
@@ -184,11 +186,12 @@ def diagnosis_table(d: dict, Table):
                     f"(projection {d['projection']}), metric {d['metric']}, jvp {d['jvp_mode']}")
     for col in ("read", "number", "value"):
         t.add_column(col)
-    h = d["cg_residuals"]
+    h, rh = d["cg_residuals"], d["cg_range_residuals"]
     rows = [
         ("1 instrument", "adjoint_error", d["adjoint_error"]), ("", "symmetry_error", d["symmetry_error"]),
         ("2 CG", "cg_iterations", f"{d['cg_iterations']} ({'converged' if d['cg_converged'] else 'not converged'})"),
         ("", "cg_residuals", f"{_g(h[0])} -> {_g(h[-1])}"), ("", "cg_true_residual", d["cg_true_residual"]),
+        ("", "cg_range_residuals", f"{_g(rh[0])} -> {_g(rh[-1])} (best {_g(min(rh))} at iteration {rh.index(min(rh))})"),
         ("3 range", "range_residual", d["range_residual"]), ("", "range_cosine", d["range_cosine"]),
         ("4 realisation", "realized_residual", d["realized_residual"]), ("", "realized_cosine", d["realized_cosine"]),
         ("5 clipping", "clip_fraction", d["clip_fraction"]), ("", "clip_norm_fraction", d["clip_norm_fraction"]),

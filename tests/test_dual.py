@@ -51,6 +51,7 @@ def test_clean_instrument_on_an_in_range_target(tok, projection, metric):
     rep, s_next = solve_field(obs, s, d, F0, cfg)
     assert rep["adjoint_error"] < 1e-5 and rep["symmetry_error"] < 1e-5
     assert rep["cg_converged"] and rep["range_residual"] < 1e-4 and rep["range_cosine"] > 1 - 1e-8
+    assert rep["cg_range_residuals"][-1] == pytest.approx(rep["range_residual"], abs=1e-6)  # tracked for free
     assert rep["realized_residual"] < 5e-3
     assert rep["clip_fraction"] == 0 and rep["field_residual"] == rep["realized_residual"]
     assert rep["cg_residuals"][0] == 1.0 and rep["cg_residuals"][-1] <= 1e-6
