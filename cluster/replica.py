@@ -18,6 +18,7 @@ from typing import Sequence
 
 import ray
 import torch
+from transformers.utils import logging as hf_logging
 
 from ntkmirror.controller import Controller
 from ntkmirror.data import encode_all, example_from_row
@@ -52,9 +53,7 @@ class Replica:
             torch.set_num_threads(int(threads))
         if device is None:  # Ray hides GPUs from actors that did not ask for one
             device = "cuda" if torch.cuda.is_available() else "cpu"
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.disable_progress_bar()  # one "Loading weights" bar per replica start is noise in job logs
+        hf_logging.disable_progress_bar()  # a "Loading weights" bar per replica start is noise in job logs
         t0 = time.perf_counter()
         self.model, self.tok = load_model(model, device=device, dtype=dtype)
         self.model_arg, self.device = model, device
@@ -87,26 +86,24 @@ class Replica:
             except Exception as e:  # one bad item must not sink the pack
                 results[i] = _error(item, e)
 
-        def fit(group):
+        def fit(group: list[tuple[int, list]]) -> None:
             t0 = time.perf_counter()
-            cs = fit_controllers(self.model, self.tok, [ex for _, ex in group], cfg, progress=False,
-                                 extra_meta=[dict(items[i].get("meta") or {}) for i, _ in group])
+            try:
+                cs = fit_controllers(self.model, self.tok, [ex for _, ex in group], cfg, progress=False,
+                                     extra_meta=[dict(items[i].get("meta") or {}) for i, _ in group])
+            except Exception as e:
+                if len(group) == 1:
+                    results[group[0][0]] = _error(items[group[0][0]], e)
+                else:  # find the culprit: fit the pack's items one at a time
+                    for g in group:
+                        fit([g])
+                return
             share = (time.perf_counter() - t0) / len(group)  # the pack's time, amortised per item
             for (i, _), c in zip(group, cs):
                 results[i] = _ok(items[i], c, share)
 
         if good:
-            try:
-                fit(good)
-            except Exception as e:
-                if len(good) == 1:
-                    results[good[0][0]] = _error(items[good[0][0]], e)
-                else:  # find the culprit: fit the pack's items one at a time
-                    for g in good:
-                        try:
-                            fit([g])
-                        except Exception as e1:
-                            results[g[0]] = _error(items[g[0]], e1)
+            fit(good)
         return [results[i] for i in range(len(items))]
 
     def _examples(self, item: dict, cfg: FitConfig) -> list:
