@@ -154,7 +154,8 @@ def hidden_size(model) -> int:
 # Config keys that don't change what the weights compute.
 _VOLATILE_CONFIG_KEYS = {"_name_or_path", "name_or_path", "torch_dtype", "dtype", "transformers_version",
                          "quantization_config", "_commit_hash", "use_cache", "_attn_implementation",
-                         "_attn_implementation_autoset", "output_attentions", "output_hidden_states"}
+                         "_attn_implementation_autoset", "output_attentions", "output_hidden_states",
+                         "architectures"}
 
 
 def model_fingerprint(model, samples_per_tensor: int = 256) -> str:
