@@ -23,7 +23,8 @@ from ray import serve
 
 from memory_store.base import validate_id
 from ntkmirror.controller import Controller
-from ntkmirror.errors import AuthError, ConfigError, ControllerError, NotFound, QuotaError, StoreError
+from ntkmirror.errors import ConfigError, ControllerError, NotFound, QuotaError, StoreError
+from ntkmirror.gates import parse_layers
 
 from . import http
 from .auth import Auth, Quotas
@@ -46,7 +47,8 @@ class AppArgs(BaseModel):
 
     model: Optional[str] = Field(None, description="HF id, local dir or .gguf; None: embedded SmolLM2-135M-Instruct")
     served_model_name: Optional[str] = Field(None, description="the id /v1/models lists (default: model's name)")
-    store: str = Field("./runs/memory", description="memory store: a directory or redis://host:port/db")
+    store: str = Field(default_factory=lambda: os.environ.get("NTKMIRROR_STORE", "./runs/memory"),
+                       description="memory store: a directory or redis://host:port/db (default: $NTKMIRROR_STORE)")
     device: Optional[str] = None
     dtype: Optional[str] = None
     torch_threads: Optional[int] = Field(None, ge=1, description="torch threads per model replica")
@@ -121,7 +123,9 @@ class Ingress:
                 for c in chosen]
         return res, used
 
-    def _check_new_tokens(self, n: int) -> int:
+    def _check_new_tokens(self, n: Optional[int], default: int = 128) -> int:
+        if n is None:
+            return min(default, self.args.max_new_tokens)
         if n > self.args.max_new_tokens:
             raise ConfigError(f"max_new_tokens {n} is over this server's limit of {self.args.max_new_tokens}")
         return n
@@ -129,12 +133,13 @@ class Ingress:
     # ---- health and models
     @api.get("/healthz", tags=["health"])
     async def healthz(self):
+        """200 when the service state and the memory store answer, else 503 (no details)."""
         try:
-            await asyncio.wait_for(http.result(self.retrieval.ping.remote()), 10)
             await asyncio.to_thread(self.auth.state.ping)
+            await asyncio.wait_for(http.result(self.retrieval.ping.remote()), 5)
         except Exception as e:  # noqa: BLE001 - health reports, never raises
             log.warning("health check failed: %s", http.clean(http.unwrap(e)))
-            return http.error_json(503, "service_unavailable", "the memory store is unavailable")
+            return http.error_json(503, "service_unavailable", "the memory store is unavailable", {"Retry-After": "1"})
         return {"status": "ok"}
 
     @api.get("/v1/models", response_model=ModelList, tags=["openai"])
@@ -161,6 +166,7 @@ class Ingress:
                                                                body.all_tags(), body.metadata, quotas.max_memories))
             return MemoryOut.of(item)
         spec_fit = (body.fit or FitParams()).model_dump()
+        parse_layers(spec_fit["layers"], (await self.identity())["n_layers"])  # a bad spec is a 422 now
         if spec_fit["gates"] > quotas.max_gates:
             raise QuotaError(f"fit asks for {spec_fit['gates']} gates, over the quota of {quotas.max_gates}")
         current = await http.result(self.retrieval.list.remote(tenant))
@@ -243,8 +249,8 @@ class Ingress:
         tenant, _ = await self._tenant(token)
         if body.model != self.model_id:
             raise NotFound(f"model {body.model!r} does not exist; GET /v1/models lists {self.model_id!r}")
-        limit = body.max_completion_tokens or body.max_tokens or min(256, self.args.max_new_tokens)
-        task = GenTask(gates=[], max_new_tokens=self._check_new_tokens(limit), temperature=body.temperature or 0.0,
+        limit = self._check_new_tokens(body.max_completion_tokens or body.max_tokens, default=256)
+        task = GenTask(gates=[], max_new_tokens=limit, temperature=body.temperature or 0.0,
                        messages=[{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
                                  for m in body.messages])
         res, used = await self._generate(tenant, body.query(), body.top_k, body.memory_ids, None, body.user, task)

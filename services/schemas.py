@@ -118,7 +118,7 @@ class MemoryOut(Out):
 
     @classmethod
     def of(cls, item: dict, controller: Optional[str] = None) -> "MemoryOut":
-        keep = {k: v for k, v in item.items() if k in cls.model_fields}
+        keep = {k: v for k, v in item.items() if k in cls.model_fields and k != "controller"}
         return cls(**keep, controller=controller)
 
 
@@ -180,7 +180,7 @@ class GenerateRequest(Strict):
                                              description="compose exactly these memories (no retrieval)")
     weights: Optional[list[float]] = Field(None, description="one weight per memory id (default 1)")
     user: Optional[UserName] = None
-    max_new_tokens: int = Field(128, ge=1)
+    max_new_tokens: Optional[int] = Field(None, ge=1, description="default: 128, or the server's limit if lower")
     temperature: float = Field(0.0, ge=0.0, le=2.0)
 
     @model_validator(mode="after")
