@@ -13,18 +13,36 @@ from dataclasses import asdict, dataclass, field
 from typing import Sequence
 
 from ntkmirror.controller import Controller
-from ntkmirror.errors import StoreError
+from ntkmirror.errors import ConfigError, StoreError
 
 ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+TAG_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@-]{0,63}$")
 DEFAULT_TENANT = "default"
+
+
+class InvalidId(ConfigError, StoreError):
+    """A malformed id, tenant or tag: bad input (exit 2, HTTP 4xx), and a StoreError for callers catching those."""
 
 
 def validate_id(value: str, what: str = "id") -> str:
     """Slugs only: no path separators, no '..', no leading dot, at most 128 chars."""
     if not isinstance(value, str) or not ID_PATTERN.match(value) or ".." in value:
-        raise StoreError(f"invalid {what} {value!r}: use 1-128 letters, digits, '.', '_' or '-', "
-                         "starting with a letter or digit, without '..'")
+        raise InvalidId(f"invalid {what} {value!r}: use 1-128 letters, digits, '.', '_' or '-', "
+                        "starting with a letter or digit, without '..'")
     return value
+
+
+def validate_tags(tags) -> list[str]:
+    """Tags: 1-64 letters, digits, '.', '_', ':', '@' or '-' (e.g. `user:alice`); order kept, duplicates dropped."""
+    if isinstance(tags, str):
+        tags = [tags]
+    out = []
+    for t in tags or ():
+        if not isinstance(t, str) or not TAG_PATTERN.match(t):
+            raise InvalidId(f"invalid tag {t!r}: use 1-64 letters, digits, '.', '_', ':', '@' or '-'")
+        if t not in out:
+            out.append(t)
+    return out
 
 
 @dataclass
@@ -43,6 +61,7 @@ class MemoryItem:
     created_at: float = 0.0
     updated_at: float = 0.0
     deleted: bool = False
+    warnings: list[str] = field(default_factory=list)  # from this call (near-duplicates), never stored
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -81,6 +100,10 @@ class MemoryStore(ABC):
             metadata: dict | None = None) -> MemoryItem:
         """Store a memory; an existing id gets a new version (the old ones stay for rollback)."""
 
+    def put_many(self, tenant: str, entries: Sequence[dict]) -> list[MemoryItem]:
+        """Bulk put: each entry is a dict of put's keyword arguments (id, controller, text, tags, metadata)."""
+        return [self.put(tenant, **e) for e in entries]
+
     @abstractmethod
     def get(self, tenant: str, id: str, version: int | None = None, include_deleted: bool = False) -> MemoryItem:
         """The current (or a given) version; raises NotFound."""
@@ -110,7 +133,11 @@ class MemoryStore(ABC):
     def search(self, tenant: str, query: str, top_k: int = 3, tags: Sequence[str] | None = None,
                controller: Controller | None = None, fusion: str | None = None,
                min_score: float | None = None) -> list[SearchHit]:
-        """Hybrid retrieval; no hits when nothing clears the relevance floor."""
+        """Hybrid retrieval; no hits when nothing clears the relevance floor.
+
+        `controller` adds controller-sketch similarity as a third fused signal; `fusion` is
+        rrf, minmax, dense or lexical; `min_score` overrides the dense-cosine relevance floor
+        (-1 disables the floor)."""
 
     @abstractmethod
     def similar(self, tenant: str, id: str, top_k: int = 5) -> list[SearchHit]:
@@ -120,6 +147,10 @@ class MemoryStore(ABC):
     @abstractmethod
     def audit(self, tenant: str | None = None) -> dict:
         """Missing blobs, orphans, mixed model identities; {'ok': bool, 'problems': [...], ...}."""
+
+    @abstractmethod
+    def history(self, tenant: str, id: str | None = None, limit: int = 100) -> list[dict]:
+        """The tenant's audit log, newest first: {op, id, version, time, ...} per write."""
 
     @abstractmethod
     def tenants(self) -> list[str]:
