@@ -90,7 +90,8 @@ def main() -> None:
         "benchmark": "cluster_fit", "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "model": args.model or "tiny llama 4x64", "device": device, "pool_ready_seconds": ready,
-        "host": platform.node(), "cpus": os.cpu_count(), "loadavg": os.getloadavg(), "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "host": platform.node(), "cpus": os.cpu_count(), "loadavg": os.getloadavg(),
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "results": results}, indent=2))
     print(f"wrote {args.out}")
 

@@ -159,7 +159,15 @@ def _submit(ctx: typer.Context, module: str, address: Optional[str], no_wait: bo
         client = JobSubmissionClient(address)
     except (ConnectionError, ValueError, RuntimeError) as e:
         raise NtkMirrorError(f"cannot reach the Ray Jobs API at {address or 'auto'}: {e}") from None
-    job_id = client.submit_job(entrypoint=entrypoint)
+    deadline = time.time() + 120
+    while True:  # a just-started head answers "No available agent ... try again later" for a while
+        try:
+            job_id = client.submit_job(entrypoint=entrypoint)
+            break
+        except RuntimeError as e:
+            if "try again" not in str(e) or time.time() > deadline:
+                raise NtkMirrorError(f"job submission failed: {e}") from None
+            time.sleep(2.0)
     if not no_wait:
         err.print(f"submitted {job_id}; following its logs")
         while (status := client.get_job_status(job_id)) not in (JobStatus.SUCCEEDED, JobStatus.FAILED,

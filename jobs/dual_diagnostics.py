@@ -82,8 +82,9 @@ def run_dual_job(controllers: list[tuple[str, bytes | None, str | None]], suppor
                 calls = [([controllers[k][1] for k in pack], sup, cal) for pack in packs]
                 for p, reps in pool.map("diagnose", calls, config=asdict(cfg),
                                         allow_model_mismatch=allow_model_mismatch):
+                    failed = isinstance(reps, BaseException)  # the whole call failed
                     for j, k in enumerate(packs[p]):
-                        rep = {"error": f"{type(reps).__name__}: {reps}"} if isinstance(reps, BaseException) else reps[j]
+                        rep = {"error": f"{type(reps).__name__}: {reps}"} if failed else reps[j]
                         status = "error" if rep.get("error") else "ok"
                         rows[k] = {"source": controllers[k][0], "status": status, "error": None, **rep}
                     bar.update(len(packs[p]), f"pack {p + 1}/{len(packs)} diagnosed")

@@ -19,9 +19,9 @@ import pytest
 ray = pytest.importorskip("ray")
 
 from conftest import write_jsonl  # noqa: E402
-from tiny import arithmetic_rows, tiny_model  # noqa: E402
+from tiny import arithmetic_rows  # noqa: E402
 
-from cluster.pool import ReplicaPool, connect  # noqa: E402
+from cluster.pool import ReplicaPool  # noqa: E402
 from cluster.replica import Replica  # noqa: E402
 from jobs.fit_controllers import REPORT_COLUMNS, run_fit_job  # noqa: E402
 from jobs.manifest import read_manifest  # noqa: E402
