@@ -117,16 +117,15 @@ class Replica:
 
     # ------------------------------------------------------------------ use controllers
     def controller(self, data: bytes, allow_model_mismatch: bool = False) -> Controller:
+        """Parse (cached by content) and check against this replica's model (every call: the flag may differ)."""
         key = hashlib.sha256(data).hexdigest()
         c = self._controllers.get(key)
         if c is None:
-            c = Controller.from_bytes(data, source=f"controller {key[:12]}").check_model(self.model,
-                                                                                     allow_model_mismatch)
-            self._controllers[key] = c
+            c = self._controllers[key] = Controller.from_bytes(data, source=f"controller {key[:12]}")
             if len(self._controllers) > 256:
                 self._controllers.popitem(last=False)
         self._controllers.move_to_end(key)
-        return c
+        return c.check_model(self.model, allow_model_mismatch)
 
     def evaluate(self, examples: Sequence[dict], controller: bytes | None = None, allow_model_mismatch: bool = False,
                  **kw) -> dict:
@@ -151,7 +150,8 @@ class Replica:
             raise ConfigError(f"{len(prompts)} prompts but {len(rows)} gate rows")
         parsed = [[(self.controller(b, allow_model_mismatch), float(w)) for b, w in row] for row in rows]
         gates = row_gates(parsed, self.n_layers, self.hidden, max_log_gate, self.device) if any(parsed) else None
-        return generate(self.model, self.tok, list(prompts), gates, max_new_tokens, batch_size, temperature)
+        return generate(self.model, self.tok, list(prompts), gates, max_new_tokens=max_new_tokens,
+                        batch_size=batch_size, temperature=temperature)
 
     def diagnose(self, controllers: Sequence[bytes | None], support: Sequence[dict],
                  calibration: Sequence[dict] | None = None, config: dict | None = None,
