@@ -8,6 +8,7 @@ entry-point group, so this core module never imports them.
 
 from __future__ import annotations
 
+import functools
 import json
 import sys
 import time
@@ -264,6 +265,7 @@ from .dual_cli import register as _register_dual  # noqa: E402  research command
 _register_dual(app)
 
 
+@functools.cache  # once per process: main() may run many times (tests), each copy rebuilt per call
 def _plug_in_groups() -> None:
     """Add command groups that other installed packages register (memory, jobs, serve, ...)."""
     for ep in entry_points(group="ntkmirror.cli"):
