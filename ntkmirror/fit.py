@@ -12,13 +12,14 @@ from dataclasses import asdict, dataclass
 from typing import Sequence
 
 import torch
+import torch.nn.functional as F
 
 from .controller import Controller, new_meta
 from .data import Batch, Example, collate, data_hash, encode_all, pad_id
 from .gates import RowGates, attach, parse_layers
 from .models import find_decoder_layers, hidden_size
-from .objective import group_means, token_losses
-from .selection import saliency_scores, top_gates
+from .objective import group_means, supervised_logits, token_losses
+from .selection import random_scores, saliency_scores, top_gates
 
 
 @dataclass
@@ -32,12 +33,14 @@ class FitConfig:
     batch_size: int = 8
     max_length: int = 1024
     seed: int = 0
-    score: str = "abs"  # selection rule: "abs" (seed) or "coherent"
+    score: str = "abs"  # selection rule: "abs" (seed), "coherent", or "random" (a control arm)
     add_eos: bool = True  # append EOS to completions so the model learns to stop
     l2: float = 1e-5  # weight of mean(s^2)
     eval_every: int = 0  # validation interval in steps (0: steps // 10)
     patience: int = 0  # stop after this many evaluations without improvement (0: never)
     stats_examples: int = 32  # training examples used for the before/after NLL
+    retain_kl: float = 0.0  # weight of KL(base || gated) on retain examples (needs `retain=`)
+    retain_rows: int = 4  # retain examples per step, seen by every controller
 
 
 class BatchSampler:
@@ -115,7 +118,23 @@ def packed_nll(model, encoded_sets, gates: PackedGates | None, pad: int, rows_pe
     return (sums / counts.clamp_min(1)).tolist()
 
 
-def train_step(model, gates: PackedGates, opt, batch: Batch, row_ctrl: torch.Tensor, l2: float) -> torch.Tensor:
+def retain_divergence(model, gates: PackedGates, retain: Batch) -> torch.Tensor:
+    """(C,) mean KL(base || gated) per retain token under each controller: how far each one moves
+    text it should leave alone. Every controller sees every retain row."""
+    C, R = gates.raw.shape[0], retain.input_ids.shape[0]
+    with torch.no_grad():
+        base = F.log_softmax(supervised_logits(model, retain)[0], -1)  # (N, V)
+    rows = Batch(*(t.repeat(C, 1) for t in (retain.input_ids, retain.attention_mask, retain.labels)))
+    row_ctrl = torch.arange(C, device=retain.input_ids.device).repeat_interleave(R)  # (C * R,)
+    with attach(model, gates.rows(row_ctrl)):
+        logits, _, row = supervised_logits(model, rows)  # (C * N, V), controller-major like `rows`
+    base = base.repeat(C, 1)
+    kl = (base.exp() * (base - F.log_softmax(logits, -1))).sum(-1)  # (C * N,)
+    return group_means(kl, row_ctrl[row], C)
+
+
+def train_step(model, gates: PackedGates, opt, batch: Batch, row_ctrl: torch.Tensor, l2: float,
+               retain: Batch | None = None, retain_kl: float = 0.0) -> torch.Tensor:
     """One optimiser step for all C packed controllers; returns each one's loss, (C,).
 
     Autograd starts at the lowest gated layer: the weights are frozen, so nothing below it
@@ -125,6 +144,8 @@ def train_step(model, gates: PackedGates, opt, batch: Batch, row_ctrl: torch.Ten
         tl = token_losses(model, batch)
     loss_c = group_means(tl.nll, row_ctrl[tl.row], C)  # (C,) each controller's own mean
     loss = loss_c.sum() + l2 * gates.log_gates().pow(2).mean(1).sum()
+    if retain is not None and retain_kl > 0:
+        loss = loss + retain_kl * retain_divergence(model, gates, retain).sum()
     opt.zero_grad(set_to_none=True)
     loss.backward()
     opt.step()
@@ -133,8 +154,12 @@ def train_step(model, gates: PackedGates, opt, batch: Batch, row_ctrl: torch.Ten
 
 def fit_controllers(model, tokenizer, datasets: Sequence[Sequence[Example]], config: FitConfig | None = None,
                     validation: Sequence[Sequence[Example]] | None = None, progress: bool = True,
-                    extra_meta: Sequence[dict] | None = None) -> list[Controller]:
-    """Fit one controller per dataset, all in the same forward/backward passes."""
+                    extra_meta: Sequence[dict] | None = None,
+                    retain: Sequence[Example] | None = None) -> list[Controller]:
+    """Fit one controller per dataset, all in the same forward/backward passes.
+
+    With `retain` examples and cfg.retain_kl > 0, each step also penalises each controller's
+    KL divergence from the base model on cfg.retain_rows of them (non-interference)."""
     from tqdm.auto import tqdm
 
     cfg = config or FitConfig()
@@ -148,9 +173,12 @@ def fit_controllers(model, tokenizer, datasets: Sequence[Sequence[Example]], con
     C = len(enc)
 
     # 1. select each controller's gates by saliency on its own data
-    score_samplers = [BatchSampler(len(e), cfg.batch_size, cfg.seed) for e in enc]
-    score_iter = (_pack(enc, [s.next() for s in score_samplers], pad) for _ in range(cfg.score_batches))
-    scores = saliency_scores(model, score_iter, C, layers, hidden, cfg.score)  # (C, L_g, H)
+    if cfg.score == "random":  # control arm: the same budget, gates drawn uniformly
+        scores = random_scores(C, len(layers), hidden, cfg.seed)
+    else:
+        score_samplers = [BatchSampler(len(e), cfg.batch_size, cfg.seed) for e in enc]
+        score_iter = (_pack(enc, [s.next() for s in score_samplers], pad) for _ in range(cfg.score_batches))
+        scores = saliency_scores(model, score_iter, C, layers, hidden, cfg.score)  # (C, L_g, H)
     picked = [top_gates(scores[c], layers, cfg.gates) for c in range(C)]
     gates = PackedGates([p[0] for p in picked], [p[1] for p in picked], hidden, cfg.max_log_gate, device)
 
@@ -162,11 +190,16 @@ def fit_controllers(model, tokenizer, datasets: Sequence[Sequence[Example]], con
     eval_every = cfg.eval_every or max(1, cfg.steps // 10)
     opt = torch.optim.AdamW([gates.raw], lr=cfg.lr, weight_decay=0.0)
     samplers = [BatchSampler(len(e), cfg.batch_size, cfg.seed + 1) for e in enc]
+    use_retain = bool(retain) and cfg.retain_kl > 0
+    if use_retain:
+        retain_enc = encode_all(tokenizer, retain, cfg.max_length, cfg.add_eos)
+        retain_sampler = BatchSampler(len(retain_enc), cfg.retain_rows, cfg.seed + 2)
     steps_run = 0
     bar = tqdm(range(cfg.steps), desc=f"fit x{C}" if C > 1 else "fit", disable=not progress, leave=False)
     for step in bar:
         batch, row_ctrl = _pack(enc, [s.next() for s in samplers], pad)
-        loss_c = train_step(model, gates, opt, batch.to(device), row_ctrl.to(device), cfg.l2)
+        retain_batch = collate([retain_enc[i] for i in retain_sampler.next()], pad).to(device) if use_retain else None
+        loss_c = train_step(model, gates, opt, batch.to(device), row_ctrl.to(device), cfg.l2, retain_batch, cfg.retain_kl)
         steps_run = step + 1
         if progress and step % 10 == 0:  # .item() waits for the GPU: not every step
             bar.set_postfix(loss=f"{loss_c.mean().item():.4f}")
@@ -201,5 +234,7 @@ def fit_controllers(model, tokenizer, datasets: Sequence[Sequence[Example]], con
 
 
 def fit_controller(model, tokenizer, examples: Sequence[Example], config: FitConfig | None = None,
-                   validation: Sequence[Example] | None = None, progress: bool = True) -> Controller:
-    return fit_controllers(model, tokenizer, [examples], config, [validation] if validation else None, progress)[0]
+                   validation: Sequence[Example] | None = None, progress: bool = True,
+                   retain: Sequence[Example] | None = None) -> Controller:
+    return fit_controllers(model, tokenizer, [examples], config, [validation] if validation else None, progress,
+                           retain=retain)[0]

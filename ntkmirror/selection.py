@@ -2,6 +2,7 @@
 
 rule "abs" (the seed's):      score = sum over batches and positions of |dL/dh * h|
 rule "coherent":              score = |sum over batches and positions of dL/dh * h| = |dL/ds|
+rule "random":                uniform random scores (a control arm: same budget, no saliency)
 Scores are computed for C controllers at once: each row carries its controller id, and
 each controller's loss is its own mean, so the scores stay independent.
 """
@@ -16,14 +17,14 @@ from .data import Batch
 from .gates import RowGates, attach
 from .objective import group_means, token_losses
 
-RULES = ("abs", "coherent")
+RULES = ("abs", "coherent", "random")
 
 
 def saliency_scores(model, batches: Iterable[tuple[Batch, torch.Tensor]], n_ctrl: int,
                     layers: list[int], hidden: int, rule: str = "abs") -> torch.Tensor:
     """(n_ctrl, len(layers), hidden) float32 scores; batches yield (batch, row_ctrl)."""
-    if rule not in RULES:
-        raise ValueError(f"unknown selection rule {rule!r}; use one of {RULES}")
+    if rule not in ("abs", "coherent"):  # "random" needs no model: see random_scores
+        raise ValueError(f"unknown saliency rule {rule!r}; use abs or coherent")
     device = next(model.parameters()).device
     total = torch.zeros(n_ctrl, len(layers), hidden, device=device)
     for batch, row_ctrl in batches:
@@ -41,6 +42,11 @@ def saliency_scores(model, batches: Iterable[tuple[Batch, torch.Tensor]], n_ctrl
                 per_row = s.grad  # dL/ds at s = 0 is sum_t dL/dh * h, per row
         total.index_add_(0, row_ctrl, per_row.detach())
     return total.abs() if rule == "coherent" else total
+
+
+def random_scores(n_ctrl: int, n_layers: int, hidden: int, seed: int) -> torch.Tensor:
+    """(n_ctrl, n_layers, hidden) seeded uniform scores: top-k of these is a random gate set."""
+    return torch.rand(n_ctrl, n_layers, hidden, generator=torch.Generator().manual_seed(seed))
 
 
 def top_gates(scores: torch.Tensor, layers: list[int], k: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,0 +1,484 @@
+"""Quality benchmark: base vs controllers vs a random-gate control vs PEFT LoRA / IA3 on one task
+manifest; controllers composed on disjoint tasks; the memory benchmark; candidate defaults.
+
+    python -m benchmarks.tasks.generate --out runs/tasks --seed 0
+    python -m benchmarks.quality run --tasks runs/tasks --out runs/quality
+    python -m benchmarks.quality retrieval runs/quality/<stamp>    # recall@1 through memory_store
+    python -m benchmarks.quality report runs/quality/<stamp> [more run dirs] --img docs/img
+
+`run` writes results.json (after every stage, so a run cut short keeps what it finished),
+controllers.zip (the memory benchmark's controllers) and log.txt. Every arm trains on the same
+manifest with the same number of optimizer steps and the same batch order. A config is a set
+of FitConfig overrides (CONFIGS); each config fits one controller per task in one packed fit
+(ntkmirror.fit.fit_controllers), then is scored on its own task, on the unrelated probe, and
+in every pair of main tasks composed under each composition rule. `report` merges run
+directories and writes results.csv, tables.md and PNG plots.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+import zipfile
+from dataclasses import asdict, dataclass, fields
+from datetime import datetime, timezone
+from itertools import combinations
+from pathlib import Path
+
+import torch
+
+from ntkmirror.compose import compose
+from ntkmirror.controller import Controller
+from ntkmirror.data import collate, encode_all, load_jsonl_examples, pad_id
+from ntkmirror.evaluate import exact_match, generate
+from ntkmirror.fit import FitConfig, fit_controllers
+from ntkmirror.gates import attach, row_gates
+from ntkmirror.models import find_decoder_layers, hidden_size
+
+from .report import rank_configs, report, summarise
+from .tasks.generate import load_manifest
+
+# FitConfig overrides per config; "ctrl-5000" is FitConfig() as it stands. gates=-1: every channel.
+STRONG = {"lr": 2e-2, "max_log_gate": 0.2}
+CONFIGS = {
+    "ctrl-512": {"gates": 512},
+    "ctrl-5000": {},
+    "ctrl-all": {"gates": -1},
+    "random-5000": {"score": "random"},
+    "lr2e-2": {"lr": 2e-2},
+    "m0.1-lr2e-2": {"lr": 2e-2, "max_log_gate": 0.1},
+    "m0.2-lr2e-2": STRONG,
+    "m0.2-lr2e-2-coherent": {**STRONG, "score": "coherent"},
+    "m0.2-lr2e-2-kl1": {**STRONG, "retain_kl": 1.0},
+    "m0.2-lr2e-2-kl5": {**STRONG, "retain_kl": 5.0},
+    "m0.1-lr2e-2-kl1": {"lr": 2e-2, "max_log_gate": 0.1, "retain_kl": 1.0},
+    "m0.2-lr2e-2-g1000": {**STRONG, "gates": 1000},
+    "m0.2-lr2e-2-g1000-kl1": {**STRONG, "gates": 1000, "retain_kl": 1.0},
+    "m0.2-lr2e-2-last15": {**STRONG, "layers": "last:15"},
+    "m0.2-lr2e-2-first15": {**STRONG, "layers": "0,1,2,3,4,5,6,7,8,9,10,11,12,13,14"},
+}
+MAIN_ARMS = ("ctrl-5000", "lora", "ia3", "ctrl-512", "ctrl-all", "random-5000")
+PEFT = ("lora", "ia3")
+RULES = ("sum", "max", "mean")  # composition rules compared (see compose_rule)
+
+
+# ------------------------------------------------------------------ scoring
+
+
+@dataclass
+class Job:
+    """Rows to score: `examples` under `gates` (None: none; else [(controller, weight), ...],
+    composed per row by ntkmirror.gates.row_gates), with greedy exact match if `exact`."""
+    key: tuple
+    examples: list
+    gates: list | None = None
+    exact: bool = True
+
+
+@torch.no_grad()
+def score_jobs(model, tok, jobs: list[Job], batch_size: int = 128) -> dict[tuple, dict]:
+    """Score many jobs in shared batches (every row carries its own gates): per-row NLL sum,
+    token count, correct-token count (completion tokens, EOS included, as in training) and
+    exact match of the first answer. Returns {job.key: rows}."""
+    from ntkmirror.objective import token_losses
+
+    device = next(model.parameters()).device
+    n_layers, hidden = len(find_decoder_layers(model)[1]), hidden_size(model)
+    flat = [(j, ex) for j, job in enumerate(jobs) for ex in job.examples]
+    specs = [jobs[j].gates or [] for j, _ in flat]
+
+    def gates_for(idx):
+        rows = [specs[i] for i in idx]
+        return row_gates(rows, n_layers, hidden, device=device) if any(rows) else None
+
+    enc = encode_all(tok, [ex for _, ex in flat], 1024, True)
+    nll, ntok, corr = [0.0] * len(flat), [0] * len(flat), [0] * len(flat)
+    for lo in range(0, len(flat), batch_size):
+        idx = list(range(lo, min(lo + batch_size, len(flat))))
+        batch = collate([enc[i] for i in idx], pad_id(tok)).to(device)
+        with attach(model, gates_for(idx)):
+            tl = token_losses(model, batch)
+        row, B = tl.row.cpu(), len(idx)
+        sums = torch.zeros(B, dtype=torch.float64).index_add(0, row, tl.nll.double().cpu()).tolist()
+        counts = torch.bincount(row, minlength=B).tolist()
+        good = torch.zeros(B, dtype=torch.long).index_add(0, row, tl.correct.long().cpu()).tolist()
+        for k, i in enumerate(idx):
+            nll[i], ntok[i], corr[i] = sums[k], counts[k], good[k]
+    # greedy generation for exact match, rows of similar length together
+    gen_idx = [i for i, (j, _) in enumerate(flat) if jobs[j].exact]
+    limit = {i: len(tok(flat[i][1].completion, add_special_tokens=False)["input_ids"]) + 3 for i in gen_idx}
+    gen_idx.sort(key=lambda i: limit[i])
+    text = {}
+    for lo in range(0, len(gen_idx), batch_size):
+        idx = gen_idx[lo: lo + batch_size]
+        outs = generate(model, tok, [flat[i][1].prompt for i in idx], gates_for(idx), [limit[i] for i in idx],
+                        batch_size=len(idx))
+        text.update(zip(idx, outs))
+    out, pos = {}, 0
+    for j, job in enumerate(jobs):
+        span = range(pos, pos + len(job.examples))
+        pos += len(job.examples)
+        rows = {"nll_sum": [nll[i] for i in span], "tokens": [ntok[i] for i in span], "correct": [corr[i] for i in span]}
+        if job.exact:
+            rows["exact"] = [bool(exact_match(text[i], flat[i][1].completion)) for i in span]
+            rows["sample"] = text[span[0]] if len(span) else ""
+        out[job.key] = rows
+    return out
+
+
+def compose_rule(ctrls: list[Controller], rule: str) -> tuple[Controller, dict]:
+    """sum: ntkmirror.compose (clipped sum, the default); mean: weights 1/n;
+    max: on shared gates keep the input with the largest |s| (no adding)."""
+    if rule == "sum":
+        return compose(ctrls)
+    if rule == "mean":
+        return compose(ctrls, weights=[1 / len(ctrls)] * len(ctrls))
+    if rule == "max":
+        H = ctrls[0].hidden_size
+        keys = torch.cat([c.keys() for c in ctrls])
+        s = torch.cat([c.log_gates() for c in ctrls])
+        order = torch.argsort(s.abs(), descending=True, stable=True)
+        keys, s = keys[order], s[order]
+        uniq, inv = torch.unique(keys, return_inverse=True)
+        first = torch.full((len(uniq),), len(keys), dtype=torch.long).scatter_reduce(
+            0, inv, torch.arange(len(keys)), "amin")  # the largest |s| of each key
+        base, report = compose(ctrls)
+        out = Controller.from_log_gates(uniq // H, uniq % H, s[first], base.max_log_gate, n_layers=base.n_layers,
+                                        hidden_size=H, meta=base.meta)
+        return out, {**report, "clipped": 0, "clip_fraction": 0.0}
+    raise ValueError(f"unknown composition rule {rule!r}")
+
+
+# ------------------------------------------------------------------ the run
+
+
+class Run:
+    def __init__(self, args):
+        self.args, self.t0 = args, time.perf_counter()
+        stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+        self.dir = Path(args.out) / (args.name or stamp)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.log_f = open(self.dir / "log.txt", "a")
+        self.results = {"meta": {}, "evals": [], "pairs": [], "memory": {}, "skipped": []}
+
+    def log(self, msg: str) -> None:
+        line = f"[{time.perf_counter() - self.t0:7.1f}s] {msg}"
+        print(line, flush=True)
+        self.log_f.write(line + "\n")
+        self.log_f.flush()
+
+    def save(self) -> None:
+        tmp = self.dir / "results.json.tmp"
+        tmp.write_text(json.dumps(self.results, indent=1, default=str))
+        tmp.replace(self.dir / "results.json")
+
+    def time_left(self) -> float:
+        return self.args.time_budget - (time.perf_counter() - self.t0) if self.args.time_budget else float("inf")
+
+
+def hardware(model) -> dict:
+    import peft
+    import transformers
+
+    device = next(model.parameters()).device
+    return {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+            "torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__,
+            "python": platform.python_version(), "dtype": str(next(model.parameters()).dtype)}
+
+
+def fit_config(overrides: dict, args, n_all: int) -> FitConfig:
+    cfg = FitConfig(steps=args.steps, batch_size=args.batch_size, seed=args.seed)
+    kw = {k: v for k, v in overrides.items()}
+    if kw.get("gates") == -1:
+        kw["gates"] = n_all
+    for k in kw:
+        if k not in {f.name for f in fields(FitConfig)}:
+            raise ValueError(f"config override {k!r} is not a FitConfig field")
+    return FitConfig(**{**asdict(cfg), **kw})
+
+
+def _peak_reset(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        return torch.cuda.memory_allocated(device)
+    return 0
+
+
+def _peak(device, mem0):
+    if device.type != "cuda":
+        return None, None
+    torch.cuda.synchronize(device)
+    peak = torch.cuda.max_memory_allocated(device)
+    return peak / 2**20, (peak - mem0) / 2**20
+
+
+def run(args) -> Path:
+    from ntkmirror.models import load_model
+
+    R = Run(args)
+    manifest = load_manifest(args.tasks)
+    root = Path(manifest["root"])
+    model, tok = load_model(args.model, device=args.device, dtype=args.dtype) if not args.tiny else _tiny()
+    device = next(model.parameters()).device
+    n_all = len(find_decoder_layers(model)[1]) * hidden_size(model)
+    task_names = list(manifest["tasks"])
+    main = [t for t in manifest["main_tasks"] if t in task_names]
+    train = {t: load_jsonl_examples(root / manifest["tasks"][t]["train"], tok)[: args.train_rows or None]
+             for t in task_names}
+    evals = {t: load_jsonl_examples(root / manifest["tasks"][t]["eval"], tok)[: args.eval_rows or None]
+             for t in task_names}
+    unrelated = load_jsonl_examples(root / manifest["unrelated"], tok)[: args.eval_rows or None]
+    retain = load_jsonl_examples(root / manifest["retain"], tok)
+    queries = {t: [json.loads(l).get("query", "") for l in (root / manifest["tasks"][t]["eval"]).read_text().splitlines()]
+               for t in task_names}
+    R.results["meta"] = {"command": " ".join(sys.argv), "started": datetime.now(timezone.utc).isoformat(),
+                         "hardware": hardware(model), "model": args.model or "embedded SmolLM2-135M-Instruct",
+                         "steps": args.steps, "batch_size": args.batch_size, "seed": args.seed,
+                         "manifest": {k: v["sha256"] for k, v in manifest["files"].items()},
+                         "main_tasks": main, "tasks": task_names, "arms": args.arms,
+                         "configs": {c: CONFIGS[c] for c in args.arms if c in CONFIGS},
+                         "fit_defaults": asdict(FitConfig())}
+    R.log(f"model on {device} ({R.results['meta']['hardware']['device']}), {len(task_names)} tasks, main {main}")
+
+    def record(config, task, rows, **extra):
+        R.results["evals"].append({"config": config, "task": task, **summarise(rows), **extra,
+                                   **({"sample": rows["sample"]} if "sample" in rows else {})})
+
+    # --- base model
+    if args.base:
+        res = score_jobs(model, tok, [Job(("base", t), evals[t]) for t in main] +
+                         [Job(("base", "unrelated"), unrelated, exact=False)], args.eval_batch)
+        for (_, t), rows in res.items():
+            record("base", t, rows)
+        R.save()
+        R.log("base: " + ", ".join(f"{e['task']} nll {e['nll']:.3f} em {e.get('exact_match', float('nan')):.2f}"
+                                   for e in R.results["evals"] if e["config"] == "base"))
+
+    # --- arms in the given order: controller configs (one packed fit each) and PEFT baselines
+    last_fit, fitted = {"controller": 0.0, "peft": 0.0}, {}
+    for name in args.arms:
+        kind = "peft" if name in PEFT else "controller"
+        reserve = 1.5 * last_fit["controller"] + 30 if "auto" in args.memory_configs else 0  # auto memory stage
+        if R.time_left() < last_fit[kind] * 1.3 + 20 + reserve:
+            R.results["skipped"].append(name)
+            R.log(f"skip {name}: {R.time_left():.0f}s left")
+            continue
+        t0 = time.perf_counter()
+        if kind == "peft":
+            peft_arm(R, model, tok, name, main, train, evals, unrelated, args, record)
+        else:
+            ctrls = controller_arm(R, model, tok, name, main, task_names, train, evals, unrelated, retain, n_all,
+                                   args, record)
+            if name in args.memory_configs:
+                memory_stage(R, model, tok, name, ctrls, evals, queries, manifest, args)
+            fitted[name] = ctrls
+        last_fit[kind] = time.perf_counter() - t0
+    ranked = [c for c in rank_configs(R.results) if c in fitted and c not in args.memory_configs]
+    if "auto" in args.memory_configs and ranked and R.time_left() > 30:  # the best candidate of this run
+        best = ranked[0]
+        R.log(f"memory benchmark for the best-ranked config: {best}")
+        ctrls = fitted[best]
+        if len(ctrls) < len(task_names):  # fit the remaining memories with the same config
+            cfg = fit_config(CONFIGS[best], args, n_all)
+            rest = [t for t in task_names if t not in ctrls]
+            more = fit_controllers(model, tok, [train[t] for t in rest], cfg, progress=not args.quiet,
+                                   retain=retain if cfg.retain_kl > 0 else None)
+            ctrls = {t: ctrls.get(t) or more[rest.index(t)] for t in task_names}
+        memory_stage(R, model, tok, best, ctrls, evals, queries, manifest, args)
+    R.results["meta"]["seconds"] = time.perf_counter() - R.t0
+    R.save()
+    R.log(f"done in {R.results['meta']['seconds']:.0f}s -> {R.dir}")
+    return R.dir
+
+
+def controller_arm(R, model, tok, name, main, task_names, train, evals, unrelated, retain, n_all, args, record):
+    """One packed fit (every task's controller at once), then one batched scoring pass: each
+    controller on its task and on the unrelated probe, and every pair of main tasks composed."""
+    device = next(model.parameters()).device
+    cfg = fit_config(CONFIGS[name], args, n_all)
+    fit_tasks = task_names if (args.fit_all_tasks or name in args.memory_configs) else main
+    mem0 = _peak_reset(device)
+    t0 = time.perf_counter()
+    ctrls = fit_controllers(model, tok, [train[t] for t in fit_tasks], cfg, progress=not args.quiet,
+                            retain=retain if cfg.retain_kl > 0 else None)
+    seconds = time.perf_counter() - t0
+    peak, adapt = _peak(device, mem0)
+    ctrls = dict(zip(fit_tasks, ctrls))
+    jobs, reports = [], {}
+    for t in main:
+        jobs += [Job((t,), evals[t], [(ctrls[t], 1.0)]), Job((t, "unrelated"), unrelated, [(ctrls[t], 1.0)], False)]
+    for a, b in combinations(main, 2):
+        for rule in args.rules:
+            comp, reports[a, b, rule] = compose_rule([ctrls[a], ctrls[b]], rule)
+            ex = rule == "sum"  # exact match for the default rule only
+            jobs += [Job((a, b, rule, "a"), evals[a], [(comp, 1.0)], ex), Job((a, b, rule, "b"), evals[b], [(comp, 1.0)], ex),
+                     Job((a, b, rule, "u"), unrelated, [(comp, 1.0)], False)]
+    t1 = time.perf_counter()
+    res = score_jobs(model, tok, jobs, args.eval_batch)
+    fit_info = {"seconds": seconds, "pack": len(fit_tasks), "seconds_per_controller": seconds / len(fit_tasks),
+                "peak_mem_mb": peak, "adapt_mem_mb": adapt, "arm": "controller", "fit_config": asdict(cfg)}
+    for t in main:
+        c = ctrls[t]
+        record(name, t, res[(t,)], **fit_info, gates=c.num_gates, stored_bytes=len(c.to_bytes("safetensors")),
+               train_nll_after=c.meta["fit"]["train_nll_after"])
+        record(name, "unrelated", res[(t, "unrelated")], under=t, arm="controller")
+    for (a, b, rule), rep in reports.items():
+        pair = rep["pairs"][0]
+        R.results["pairs"].append({"config": name, "rule": rule, "a": a, "b": b,
+                                   "eval_a": summarise(res[(a, b, rule, "a")]), "eval_b": summarise(res[(a, b, rule, "b")]),
+                                   "unrelated": summarise(res[(a, b, rule, "u")]), "clip_fraction": rep["clip_fraction"],
+                                   "overlap": pair["overlap"], "jaccard": pair["jaccard"], "cosine": pair["cosine"],
+                                   "opposing_sign_overlap": pair["opposing_sign_overlap"]})
+    R.save()
+    own = {e["task"]: e for e in R.results["evals"] if e["config"] == name and e["task"] in main}
+    R.log(f"{name}: fit {seconds:.1f}s x{len(fit_tasks)}, scored in {time.perf_counter() - t1:.1f}s | " +
+          ", ".join(f"{t} nll {own[t]['nll']:.3f} em {own[t]['exact_match']:.2f}" for t in main))
+    return ctrls
+
+
+def peft_arm(R, model, tok, method, main, train, evals, unrelated, args, record):
+    from .baselines import fit_peft
+
+    for t in main:
+        adapted, stats = fit_peft(model, tok, train[t], method, args.steps, args.batch_size, seed=args.seed,
+                                  progress=not args.quiet)
+        res = score_jobs(adapted, tok, [Job(("own",), evals[t]), Job(("u",), unrelated, exact=False)], args.eval_batch)
+        del adapted
+        record(method, t, res[("own",)], arm=method, pack=1, seconds_per_controller=stats["seconds"], **stats)
+        record(method, "unrelated", res[("u",)], under=t, arm=method)
+        R.save()
+        e = R.results["evals"][-2]
+        R.log(f"{method} {t}: {stats['seconds']:.1f}s nll {e['nll']:.4f} em {e['exact_match']:.2f}")
+
+
+def memory_stage(R: Run, model, tok, config: str, ctrls: dict, evals: dict, queries: dict, manifest: dict, args):
+    """Every memory controller on every task's rows (per row), plus base and all-composed. The
+    conditions (gold, wrong, retrieved) are read from this matrix; retrieval itself runs in
+    `retrieval` (it needs memory_store and the text embedder, which a GPU host may lack)."""
+    tasks = list(ctrls)
+    rows = {t: evals[t][: args.memory_rows] for t in tasks}
+    t0 = time.perf_counter()
+    everything, rep = compose(list(ctrls.values()))
+    jobs = [Job((m, t), rows[t], [(ctrls[m], 1.0)]) for t in tasks for m in tasks]
+    jobs += [Job(("base", t), rows[t]) for t in tasks] + [Job(("all", t), rows[t], [(everything, 1.0)]) for t in tasks]
+    res = score_jobs(model, tok, jobs, args.eval_batch)
+    R.results["memory"][config] = {
+        "tasks": tasks, "ids": {t: manifest["tasks"][t]["memory"]["id"] for t in tasks},
+        "texts": {t: manifest["tasks"][t]["memory"]["text"] for t in tasks},
+        "queries": {t: queries[t][: len(rows[t])] for t in tasks},
+        "prompts": {t: [e.prompt for e in rows[t]] for t in tasks},
+        "wrong": {t: tasks[(i + 1) % len(tasks)] for i, t in enumerate(tasks)},  # a neighbour of the same family
+        "matrix": {m: {t: res[(m, t)] for t in tasks} for m in tasks},
+        "base": {t: res[("base", t)] for t in tasks}, "all_composed": {t: res[("all", t)] for t in tasks},
+        "all_composed_report": {k: rep[k] for k in ("clip_fraction", "union_gates", "output_gates")},
+        "seconds": time.perf_counter() - t0}
+    with zipfile.ZipFile(R.dir / "controllers.zip", "a") as z:
+        for t, c in ctrls.items():
+            z.writestr(f"{config}/{t}.safetensors", c.to_bytes("safetensors"))
+    R.save()
+    R.log(f"memory ({config}): {len(tasks)} memories x {len(tasks)} tasks in {time.perf_counter() - t0:.1f}s")
+
+
+def _tiny():
+    """A tiny random model for smoke tests (tests/tiny.py)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from tiny import tiny_model, tiny_tokenizer
+
+    return tiny_model(layers=2, hidden=32), tiny_tokenizer()
+
+
+# ------------------------------------------------------------------ retrieval (CPU is fine)
+
+
+def retrieval(run_dir: Path, config: str | None = None, top_k: int = 3) -> dict:
+    """Store every memory (its controller and text) in a fresh memory_store LocalStore, search with
+    each eval row's query, and record the top-1 memory per row (recall@1 = top-1 is the gold)."""
+    import tempfile
+
+    from memory_store.base import MemoryStore
+
+    path = Path(run_dir) / "results.json"
+    results = json.loads(path.read_text())
+    with zipfile.ZipFile(Path(run_dir) / "controllers.zip") as z:
+        for cfg_name, mem in results["memory"].items():
+            if config and cfg_name != config:
+                continue
+            with tempfile.TemporaryDirectory() as d, MemoryStore.from_url(d) as store:
+                id_to_task = {}
+                for t in mem["tasks"]:
+                    c = Controller.from_bytes(z.read(f"{cfg_name}/{t}.safetensors"))
+                    store.put("bench", mem["ids"][t], c, mem["texts"][t], tags=[t])
+                    id_to_task[mem["ids"][t]] = t
+                retrieved, scores, with_prompt = {}, {}, {}
+                for t in mem["tasks"]:
+                    retrieved[t], scores[t], with_prompt[t] = [], [], []
+                    for q, p in zip(mem["queries"][t], mem["prompts"][t]):
+                        hits = store.search("bench", q, top_k=top_k)
+                        retrieved[t].append(id_to_task[hits[0].item.id] if hits else None)
+                        scores[t].append([(id_to_task[h.item.id], h.score, h.weight) for h in hits])
+                        hits = store.search("bench", f"{q}\n{p}", top_k=1)  # the request with the prompt pasted in
+                        with_prompt[t].append(id_to_task[hits[0].item.id] if hits else None)
+                mem["retrieval"] = {"retrieved": retrieved, "hits": scores, "query": "the row's paraphrased request",
+                                    "retrieved_query_prompt": with_prompt, "store": type(store).__name__}
+    path.write_text(json.dumps(results, indent=1, default=str))
+    return results
+
+
+# ------------------------------------------------------------------ CLI
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    r = sub.add_parser("run", help="fit and score every arm (GPU recommended)")
+    r.add_argument("--tasks", default="runs/tasks", help="task pack directory (benchmarks.tasks.generate)")
+    r.add_argument("--out", default="runs/quality")
+    r.add_argument("--name", default=None, help="run directory name (default: a UTC timestamp)")
+    r.add_argument("--model", default=None, help="HF id / dir / .gguf (default: embedded SmolLM2-135M-Instruct)")
+    r.add_argument("--device", default=None)
+    r.add_argument("--dtype", default="float32")
+    r.add_argument("--steps", type=int, default=240)
+    r.add_argument("--batch-size", type=int, default=8)
+    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--arms", default=",".join(MAIN_ARMS),
+                   help=f"arms in run order: controller configs ({', '.join(CONFIGS)}) and PEFT ({', '.join(PEFT)})")
+    r.add_argument("--no-base", dest="base", action="store_false", help="skip the base-model scores")
+    r.add_argument("--rules", default=",".join(RULES), help="composition rules for pairs")
+    r.add_argument("--memory-configs", default="ctrl-5000", help="configs whose controllers form the memory benchmark")
+    r.add_argument("--fit-all-tasks", action="store_true", help="fit every task (not only the main ones) per config")
+    r.add_argument("--train-rows", type=int, default=0, help="limit training rows per task (0: all)")
+    r.add_argument("--eval-rows", type=int, default=0, help="limit eval rows per task (0: all)")
+    r.add_argument("--memory-rows", type=int, default=32, help="eval rows per task in the memory benchmark")
+    r.add_argument("--eval-batch", type=int, default=64)
+    r.add_argument("--time-budget", type=float, default=0, help="seconds; later stages are skipped past it (0: none)")
+    r.add_argument("--tiny", action="store_true", help="a tiny random model (smoke test)")
+    r.add_argument("--quiet", action="store_true", help="no progress bars")
+    q = sub.add_parser("retrieval", help="recall@1 and the retrieved condition, through memory_store")
+    q.add_argument("run_dir", type=Path)
+    q.add_argument("--top-k", type=int, default=3)
+    p = sub.add_parser("report", help="tables (CSV, markdown) and plots from one or more run dirs")
+    p.add_argument("run_dirs", type=Path, nargs="+")
+    p.add_argument("--img", type=Path, default=None, help="also copy the plots here (e.g. docs/img)")
+    args = ap.parse_args(argv)
+    if args.cmd == "run":
+        split = lambda s: [x for x in s.split(",") if x]  # noqa: E731
+        args.arms, args.rules, args.memory_configs = split(args.arms), split(args.rules), split(args.memory_configs)
+        bad = [c for c in args.arms if c not in CONFIGS and c not in PEFT] + [r for r in args.rules if r not in RULES]
+        if bad:
+            ap.error(f"unknown config or rule: {', '.join(bad)}")
+        run_dir = run(args)
+        print(report([run_dir]))
+    elif args.cmd == "retrieval":
+        retrieval(args.run_dir, top_k=args.top_k)
+        print(report([args.run_dir]))
+    else:
+        print(report(args.run_dirs, img=args.img))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

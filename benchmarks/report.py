@@ -1,0 +1,330 @@
+"""Tables (markdown, CSV) and plots from quality-benchmark run directories.
+
+Derived numbers, all on eval NLL (completion tokens):
+- gain share vs LoRA = (base - arm) / (base - LoRA), per task (when LoRA ran on the task; otherwise
+  the share of the base NLL removed, (base - arm) / base, marked as a proxy);
+- composed retention of task a in pair (a, b) = (base_a - composed_a) / (base_a - single_a);
+- unrelated change = (probe NLL under the composed pair - base probe NLL) / base probe NLL.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+from collections import defaultdict
+from pathlib import Path
+from statistics import mean
+
+TARGETS = {"gain_share": 0.9, "retention": 0.9, "unrelated": 0.02}
+
+
+def summarise(rows: dict, idx=None) -> dict:
+    """Token-weighted NLL, token accuracy and exact match over rows (all, or the indices idx)."""
+    idx = range(len(rows["tokens"])) if idx is None else idx
+    n = sum(rows["tokens"][i] for i in idx)
+    out = {"nll": sum(rows["nll_sum"][i] for i in idx) / max(n, 1),
+           "token_accuracy": sum(rows["correct"][i] for i in idx) / max(n, 1), "rows": len(idx)}
+    if "exact" in rows:
+        out["exact_match"] = sum(rows["exact"][i] for i in idx) / max(len(idx), 1)
+    return out
+
+
+def merge(run_dirs) -> dict:
+    """Concatenate the evals/pairs of several runs; memory benchmarks by config (later runs win)."""
+    out = {"meta": [], "evals": [], "pairs": [], "memory": {}, "skipped": []}
+    for d in run_dirs:
+        r = json.loads((Path(d) / "results.json").read_text())
+        out["meta"].append(r["meta"])
+        out["evals"] += r["evals"]
+        out["pairs"] += r["pairs"]
+        out["memory"].update(r["memory"])
+        out["skipped"] += r["skipped"]
+    return out
+
+
+def _index(results):
+    ev = {}
+    for e in results["evals"]:
+        if e["task"] != "unrelated":
+            ev[(e["config"], e["task"])] = e
+    single_unrel = defaultdict(list)
+    for e in results["evals"]:
+        if e["task"] == "unrelated" and "under" in e:
+            single_unrel[e["config"]].append(e["nll"])
+    base_unrel = next((e["nll"] for e in results["evals"] if e["config"] == "base" and e["task"] == "unrelated"), None)
+    return ev, single_unrel, base_unrel
+
+
+def gain_share(ev, config, task):
+    base, arm, lora = ev.get(("base", task)), ev.get((config, task)), ev.get(("lora", task))
+    if not (base and arm):
+        return None, False
+    if lora and base["nll"] > lora["nll"]:
+        return (base["nll"] - arm["nll"]) / (base["nll"] - lora["nll"]), True
+    return (base["nll"] - arm["nll"]) / base["nll"], False
+
+
+def config_summary(results) -> list[dict]:
+    """One row per controller config: the three numbers of the issue (and more)."""
+    ev, single_unrel, base_unrel = _index(results)
+    configs = list(dict.fromkeys(e["config"] for e in results["evals"] if e.get("arm") == "controller"))
+    rows = []
+    for c in configs:
+        tasks = [t for (cc, t) in ev if cc == c]
+        shares = {t: gain_share(ev, c, t) for t in tasks}
+        row = {"config": c, "tasks": len(tasks),
+               "gain_share_mean": mean(s for s, _ in shares.values()) if shares else None,
+               "gain_share_min": min(s for s, _ in shares.values()) if shares else None,
+               "vs_lora": all(v for _, v in shares.values()),
+               "exact_match_mean": mean(ev[(c, t)]["exact_match"] for t in tasks) if tasks else None,
+               "single_unrelated_change": (mean(single_unrel[c]) - base_unrel) / base_unrel
+               if single_unrel[c] and base_unrel else None,
+               "seconds_per_controller": mean(ev[(c, t)]["seconds_per_controller"] for t in tasks) if tasks else None,
+               "stored_bytes": mean(ev[(c, t)]["stored_bytes"] for t in tasks) if tasks else None}
+        row.update({f"share_{t}": shares[t][0] for t in tasks})
+        for rule in ("sum", "max", "mean"):
+            pr = pair_rows(results, c, rule)
+            if not pr:
+                continue
+            ret = [x for p in pr for x in (p["retained_a"], p["retained_b"]) if x is not None]
+            suffix = "" if rule == "sum" else f"_{rule}"
+            row[f"retention_mean{suffix}"] = mean(ret) if ret else None
+            row[f"retention_min{suffix}"] = min(ret) if ret else None
+            row[f"unrelated_change_mean{suffix}"] = mean(p["unrelated_change"] for p in pr)
+            row[f"unrelated_change_max{suffix}"] = max(p["unrelated_change"] for p in pr)
+        rows.append(row)
+    return rows
+
+
+def pair_rows(results, config, rule="sum") -> list[dict]:
+    ev, _, base_unrel = _index(results)
+    out = []
+    for p in results["pairs"]:
+        if p["config"] != config or p["rule"] != rule:
+            continue
+        row = {"config": config, "rule": rule, "a": p["a"], "b": p["b"], "clip_fraction": p["clip_fraction"],
+               "overlap": p["overlap"], "jaccard": p["jaccard"], "cosine": p["cosine"],
+               "opposing_sign_overlap": p["opposing_sign_overlap"]}
+        for side in ("a", "b"):
+            t = p[side]
+            base, single, comp = ev.get(("base", t)), ev.get((config, t)), p[f"eval_{side}"]
+            gain = base["nll"] - single["nll"] if base and single else None
+            row[f"nll_{side}"] = comp["nll"]
+            row[f"retained_{side}"] = (base["nll"] - comp["nll"]) / gain if gain and gain > 0 else None
+            row[f"em_{side}"] = comp.get("exact_match")
+            row[f"em_single_{side}"] = single.get("exact_match") if single else None
+        row["unrelated_nll"] = p["unrelated"]["nll"]
+        row["unrelated_change"] = (p["unrelated"]["nll"] - base_unrel) / base_unrel if base_unrel else None
+        out.append(row)
+    return out
+
+
+def rank_configs(results) -> list[str]:
+    """Best first: score = min(mean gain share, mean retention) - 5 * excess of the mean unrelated
+    change over +2 % (the issue's three targets folded into one number)."""
+    def score(r):
+        if r.get("retention_mean") is None or r.get("gain_share_mean") is None:
+            return float("-inf")
+        excess = max(0.0, (r.get("unrelated_change_mean") or 0) - TARGETS["unrelated"])
+        return min(r["gain_share_mean"], r["retention_mean"]) - 5 * excess
+    return [r["config"] for r in sorted(config_summary(results), key=score, reverse=True)
+            if r["config"] != "random-5000"]
+
+
+def memory_rows(results) -> list[dict]:
+    """Per memory config and condition: NLL, token accuracy, exact match over all tasks' rows
+    (token-weighted), and recall@1 for the retrieved condition."""
+    out = []
+    for cfg, mem in results["memory"].items():
+        tasks, M = mem["tasks"], mem["matrix"]
+        retrieved = (mem.get("retrieval") or {}).get("retrieved")
+        conds = {"base": lambda t, i: mem["base"][t], "gold": lambda t, i: M[t][t],
+                 "wrong": lambda t, i: M[mem["wrong"][t]][t], "all composed": lambda t, i: mem["all_composed"][t]}
+        if retrieved:
+            conds["retrieved"] = lambda t, i: (M[retrieved[t][i]][t] if retrieved[t][i] else mem["base"][t])
+        for name, pick in conds.items():
+            rows = {"nll_sum": [], "tokens": [], "correct": [], "exact": []}
+            per_task = {}
+            for t in tasks:
+                n = len(mem["base"][t]["tokens"])
+                sub = {k: [pick(t, i)[k][i] for i in range(n)] for k in rows}
+                per_task[t] = summarise(sub)
+                for k in rows:
+                    rows[k] += sub[k]
+            r = {"config": cfg, "condition": name, **summarise(rows),
+                 **{f"nll_{t}": per_task[t]["nll"] for t in tasks}, **{f"em_{t}": per_task[t]["exact_match"] for t in tasks}}
+            if name == "retrieved":
+                hits = [retrieved[t][i] == t for t in tasks for i in range(len(retrieved[t]))]
+                r["recall_at_1"] = sum(hits) / len(hits)
+                wp = mem["retrieval"].get("retrieved_query_prompt")
+                if wp:
+                    r["recall_at_1_query_prompt"] = mean(wp[t][i] == t for t in tasks for i in range(len(wp[t])))
+                r["no_hit"] = mean(retrieved[t][i] is None for t in tasks for i in range(len(retrieved[t])))
+                for t in tasks:
+                    r[f"recall_{t}"] = sum(x == t for x in retrieved[t]) / len(retrieved[t])
+            out.append(r)
+    return out
+
+
+# ------------------------------------------------------------------ rendering
+
+
+def _fmt(v, spec=".3f"):
+    if v is None:
+        return "–"
+    if isinstance(v, bool):
+        return "yes" if v else "no"
+    if isinstance(v, float):
+        return format(v, spec)
+    return str(v)
+
+
+def _md(rows, cols, specs=None) -> str:
+    specs = specs or {}
+    head = "| " + " | ".join(cols) + " |\n|" + "---|" * len(cols) + "\n"
+    return head + "".join("| " + " | ".join(_fmt(r.get(c), specs.get(c, ".3f")) for c in cols) + " |\n" for r in rows)
+
+
+def main_rows(results) -> list[dict]:
+    ev, single_unrel, base_unrel = _index(results)
+    order = ["base", "ctrl-512", "ctrl-5000", "ctrl-all", "random-5000", "lora", "ia3"]
+    configs = [c for c in order if any(cc == c for cc, _ in ev)]
+    tasks = list(dict.fromkeys(t for _, t in ev))
+    out = []
+    for t in tasks:
+        for c in configs:
+            e = ev.get((c, t))
+            if not e:
+                continue
+            share, vs = gain_share(ev, c, t)
+            out.append({"task": t, "arm": c, "nll": e["nll"], "token_accuracy": e["token_accuracy"],
+                        "exact_match": e.get("exact_match"), "gain_share": share if c != "base" else None,
+                        "seconds": e.get("seconds"), "pack": e.get("pack"),
+                        "seconds_per_controller": e.get("seconds_per_controller"),
+                        "peak_mem_mb": e.get("peak_mem_mb"), "adapt_mem_mb": e.get("adapt_mem_mb"),
+                        "stored_bytes": e.get("stored_bytes"), "gates": e.get("gates")})
+    return out
+
+
+def _write_csv(path: Path, rows: list[dict]) -> None:
+    if not rows:
+        return
+    cols = list(dict.fromkeys(k for r in rows for k in r))
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=cols)
+        w.writeheader()
+        w.writerows(rows)
+
+
+def plots(results, out: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    rows = main_rows(results)
+    if rows:
+        tasks = list(dict.fromkeys(r["task"] for r in rows))
+        arms = list(dict.fromkeys(r["arm"] for r in rows))
+        fig, ax = plt.subplots(1, 2, figsize=(13, 4.2))
+        w = 0.8 / len(arms)
+        for j, arm in enumerate(arms):
+            nll = [next((r["nll"] for r in rows if r["task"] == t and r["arm"] == arm), float("nan")) for t in tasks]
+            em = [next((r["exact_match"] for r in rows if r["task"] == t and r["arm"] == arm), float("nan")) or 0
+                  for t in tasks]
+            xs = [i + j * w for i in range(len(tasks))]
+            ax[0].bar(xs, nll, w, label=arm)
+            ax[1].bar(xs, em, w, label=arm)
+        for a, title in zip(ax, ("eval NLL (log scale)", "exact match")):
+            a.set_xticks([i + 0.4 - w / 2 for i in range(len(tasks))], tasks, fontsize=8)
+            a.set_title(title)
+        ax[0].set_yscale("log")
+        ax[1].legend(fontsize=7, ncol=2)
+        fig.tight_layout()
+        written.append(out / "quality_arms.png")
+        fig.savefig(written[-1], dpi=110)
+        plt.close(fig)
+    summ = [r for r in config_summary(results) if r.get("retention_mean") is not None]
+    if summ:
+        fig, ax = plt.subplots(figsize=(7.5, 5.2))
+        xs = [r["gain_share_mean"] for r in summ]
+        ys = [r["retention_mean"] for r in summ]
+        cs = [100 * (r["unrelated_change_mean"] or 0) for r in summ]
+        sc = ax.scatter(xs, ys, c=cs, cmap="coolwarm", vmin=-20, vmax=100, s=60, edgecolors="k")
+        for r, x, y in zip(summ, xs, ys):
+            ax.annotate(r["config"], (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        ax.axvline(TARGETS["gain_share"], ls=":", c="gray")
+        ax.axhline(TARGETS["retention"], ls=":", c="gray")
+        ax.set_xlabel("mean NLL gain share vs LoRA (single controller)")
+        ax.set_ylabel("mean retained gain share in composed pairs (sum rule)")
+        fig.colorbar(sc, label="unrelated-probe NLL change under pairs (%)")
+        fig.tight_layout()
+        written.append(out / "quality_tradeoff.png")
+        fig.savefig(written[-1], dpi=110)
+        plt.close(fig)
+    mem = memory_rows(results)
+    if mem:
+        cfgs = list(dict.fromkeys(r["config"] for r in mem))
+        conds = list(dict.fromkeys(r["condition"] for r in mem))
+        fig, ax = plt.subplots(1, 2, figsize=(11, 3.8))
+        w = 0.8 / len(cfgs)
+        for j, cfg in enumerate(cfgs):
+            for k, key in enumerate(("nll", "exact_match")):
+                vals = [next((r[key] for r in mem if r["config"] == cfg and r["condition"] == c), float("nan"))
+                        for c in conds]
+                ax[k].bar([i + j * w for i in range(len(conds))], vals, w, label=cfg)
+        for a, title in zip(ax, ("eval NLL", "exact match")):
+            a.set_xticks([i + 0.4 - w / 2 for i in range(len(conds))], conds, fontsize=8)
+            a.set_title(f"memory benchmark: {title}")
+        ax[1].legend(fontsize=7)
+        fig.tight_layout()
+        written.append(out / "quality_memory.png")
+        fig.savefig(written[-1], dpi=110)
+        plt.close(fig)
+    return written
+
+
+def report(run_dirs, img: Path | None = None) -> str:
+    """Write results.csv, pairs.csv, configs.csv, memory.csv, tables.md and plots into the last
+    run dir; return the markdown."""
+    results = merge(run_dirs)
+    out = Path(run_dirs[-1])
+    main = main_rows(results)
+    summ = config_summary(results)
+    pairs = [p for c in dict.fromkeys(p["config"] for p in results["pairs"]) for rule in ("sum", "max", "mean")
+             for p in pair_rows(results, c, rule)]
+    mem = memory_rows(results)
+    _write_csv(out / "results.csv", main)
+    _write_csv(out / "pairs.csv", pairs)
+    _write_csv(out / "configs.csv", summ)
+    _write_csv(out / "memory.csv", mem)
+    md = []
+    if main:
+        md.append("### Arms per task\n\n" + _md(main, ["task", "arm", "nll", "token_accuracy", "exact_match",
+                                                       "gain_share", "seconds", "pack", "seconds_per_controller",
+                                                       "adapt_mem_mb", "stored_bytes"],
+                                                {"seconds": ".1f", "seconds_per_controller": ".1f",
+                                                 "adapt_mem_mb": ".0f", "nll": ".4f"}))
+    if summ:
+        cols = ["config", "gain_share_mean", "gain_share_min", "exact_match_mean", "retention_mean", "retention_min",
+                "unrelated_change_mean", "unrelated_change_max", "single_unrelated_change", "retention_mean_max",
+                "unrelated_change_mean_max", "retention_mean_mean", "unrelated_change_mean_mean"]
+        md.append("### Configs: the three numbers (rule sum unless suffixed)\n\n" + _md(summ, cols))
+    if pairs:
+        md.append("### Composed pairs\n\n" + _md(pairs, ["config", "rule", "a", "b", "retained_a", "retained_b",
+                                                         "em_a", "em_b", "unrelated_change", "clip_fraction",
+                                                         "overlap", "cosine"]))
+    if mem:
+        md.append("### Memory benchmark\n\n" + _md(mem, ["config", "condition", "nll", "token_accuracy",
+                                                        "exact_match", "recall_at_1", "recall_at_1_query_prompt", "no_hit"]))
+    if results["skipped"]:
+        md.append("Skipped (time budget): " + ", ".join(results["skipped"]))
+    text = "\n".join(md)
+    (out / "tables.md").write_text(text)
+    for p in plots(results, out):
+        if img:
+            img.mkdir(parents=True, exist_ok=True)
+            shutil.copy(p, img / p.name)
+    return text

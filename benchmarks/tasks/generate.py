@@ -1,0 +1,347 @@
+"""Seeded synthetic task packs for the quality benchmark.
+
+    python -m benchmarks.tasks.generate --out runs/tasks --seed 0
+
+Writes, per task, `<task>/train.jsonl` and `<task>/eval.jsonl` (rows: prompt, completion; eval
+rows also carry `query`, the retrieval query for the memory benchmark), the held-out
+`unrelated/eval.jsonl` (interference probe: no controller ever trains on it), `retain.jsonl`
+(generic text for an optional KL-to-base term, disjoint from every task and from the probe),
+and `manifest.json` with the sha256 and row count of every file, each task's memory text and
+paraphrased queries. Every task's eval items are disjoint from its training items: checked,
+and generation fails if not.
+
+Tasks (kind): addition (procedural: carrying addition with a fixed worked solution),
+json_person (output format: a fixed JSON shape), persona_pirate / persona_butler /
+persona_cheerful (style: fixed greeting and sign-off around the same messages), preference_miles /
+preference_fahrenheit / preference_iso_date (preference: the user's unit or date format when
+the prompt offers both). The first four are the benchmark's main tasks; all eight are memories.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import random
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+MAIN_TASKS = ("addition", "json_person", "persona_pirate", "preference_miles")
+SCHEMA = 1
+
+
+@dataclass
+class Task:
+    name: str
+    kind: str
+    description: str
+    items: Callable[[random.Random], list]  # every distinct item, before shuffling
+    render: Callable[[object], tuple[str, str]]  # item -> (prompt, completion)
+    memory: str  # the memory's text, as a user would store it
+    queries: list[str] = field(default_factory=list)  # paraphrased requests that should retrieve it
+
+
+# ------------------------------------------------------------------ vocabularies
+
+FIRST = ["Maria", "John", "Aisha", "Kenji", "Lucas", "Olga", "Priya", "Tom", "Fatima", "Chen", "Sofia", "Omar",
+         "Elena", "David", "Yuki", "Nora", "Pablo", "Ines", "Samuel", "Leila", "Marco", "Anna", "Ravi", "Grace"]
+LAST = ["Lopez", "Smith", "Khan", "Tanaka", "Silva", "Ivanova", "Patel", "Brown", "Haddad", "Wang", "Rossi",
+        "Nasser", "Petrova", "Miller", "Sato", "Berg", "Garcia", "Costa", "Okafor", "Farah"]
+CITIES = ["Lyon", "Denver", "Osaka", "Porto", "Krakow", "Nairobi", "Seattle", "Lima", "Oslo", "Dublin", "Madrid",
+          "Austin", "Seoul", "Milan", "Quito", "Leeds", "Hanoi", "Zurich", "Perth", "Cairo"]
+PERSON_TEMPLATES = ["{name} is {age} years old and lives in {city}.", "{name}, aged {age}, is based in {city}.",
+                    "Meet {name} from {city}; {name_first} turned {age} this year.",
+                    "{name} ({age}) moved to {city} last spring."]
+
+SUBJECTS = ["the meeting", "your parcel", "the train", "the dentist visit", "the team lunch", "the final exam",
+            "the concert", "the library", "the budget review", "the ferry", "your order", "the yoga class",
+            "the board game night", "the flight", "the plumber", "the town market"]
+EVENTS = ["moved to {t}", "starts at {t}", "was delayed until {t}", "is confirmed for {t}", "now ends at {t}",
+          "was pushed back to {t}", "opens again at {t}"]
+TIMES = [f"{h} {ap}" for h in range(1, 13) for ap in ("am", "pm")] + [
+    "noon", "midnight", "Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "the weekend"]
+
+PLACES = ["the harbour", "the old mill", "the airport", "the lake", "the stadium", "the castle", "the campus",
+          "the vineyard", "the lighthouse", "the ski lodge", "the museum", "the border", "the market",
+          "the cathedral", "the zoo", "the beach"]
+WEATHER_CITIES = CITIES + ["Boston", "Nice", "Vienna", "Tunis", "Manila", "Accra", "Bergen", "Cusco"]
+MONTHS = ["January", "February", "March", "April", "May", "June", "July", "August", "September", "October",
+          "November", "December"]
+DAYS_IN = [31, 28, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31]
+EVENT_NAMES = ["wedding", "launch", "audit", "marathon", "reunion", "hackathon", "recital", "move", "workshop",
+               "conference", "inspection", "festival"]
+
+
+# ------------------------------------------------------------------ tasks
+
+def _addition_items(rng):
+    return [(a, b) for a in range(10, 100) for b in range(10, 100) if (a % 10) + (b % 10) >= 10]
+
+
+def _addition(item):
+    a, b = item
+    ones = a % 10 + b % 10
+    tens = a // 10 + b // 10 + 1
+    return (f"Question: {a} + {b} = ?\nAnswer:",
+            f" Ones: {a % 10} + {b % 10} = {ones}, write {ones % 10}, carry 1."
+            f" Tens: {a // 10} + {b // 10} + 1 = {tens}. Result: {a + b}")
+
+
+def _person_items(rng):
+    return [(f, l, age, city, t) for f in FIRST for l in LAST for age in (19, 23, 27, 31, 34, 38, 42, 47, 52, 58, 63)
+            for city in CITIES for t in range(len(PERSON_TEMPLATES))]
+
+
+def _person(item):
+    first, last, age, city, t = item
+    text = PERSON_TEMPLATES[t].format(name=f"{first} {last}", name_first=first, age=age, city=city)
+    return (f"Text: {text}\nDetails:",
+            f' {{"name": "{first} {last}", "age": {age}, "city": "{city}"}}')
+
+
+def _message_items(rng):
+    return [(s, e, t) for s in SUBJECTS for e in EVENTS for t in TIMES]
+
+
+def _message(item) -> str:
+    s, e, t = item
+    return f"{s} {e.format(t=t)}"
+
+
+def _persona(greeting: str, signoff: str):
+    def render(item):
+        msg = _message(item)
+        return f"Message: {msg}\nReply:", f" {greeting} {msg[0].upper() + msg[1:]}. {signoff}"
+    return render
+
+
+def _miles_items(rng):
+    return [(a, b, km) for a in PLACES for b in PLACES if a != b for km in range(8, 400, 8)]
+
+
+def _miles(item):
+    a, b, km = item
+    mi = km * 5 // 8
+    return (f"Facts: from {a} to {b} is {km} km ({mi} miles).\nQuestion: How far is it from {a} to {b}?\nAnswer:",
+            f" {mi} miles.")
+
+
+def _fahrenheit_items(rng):
+    return [(c, t) for c in WEATHER_CITIES for t in range(-10, 41)]
+
+
+def _fahrenheit(item):
+    city, c = item
+    f = round(c * 9 / 5 + 32)
+    return (f"Facts: today in {city} it is {c} °C ({f} °F).\nQuestion: How warm is it in {city} today?\nAnswer:",
+            f" {f} °F.")
+
+
+def _date_items(rng):
+    return [(e, y, m, d) for e in EVENT_NAMES for y in (2024, 2025, 2026) for m in range(12)
+            for d in range(1, DAYS_IN[m] + 1, 2)]
+
+
+def _date(item):
+    e, y, m, d = item
+    return (f"Facts: the {e} is on {MONTHS[m]} {d}, {y}.\nQuestion: When is the {e}?\nAnswer:",
+            f" {y}-{m + 1:02d}-{d:02d}.")
+
+
+TASKS = [
+    Task("addition", "procedural", "two-digit carrying addition with a fixed worked solution",
+         _addition_items, _addition,
+         "Add two-digit numbers column by column: ones first (write the digit, carry 1), then the tens, "
+         "then state the result.",
+         ["show the carrying steps when you add numbers", "work the sum out digit by digit with the carry",
+          "explain the column addition"]),
+    Task("json_person", "output-format", "a person's details as a fixed JSON shape {name, age, city}",
+         _person_items, _person,
+         "Return a person's details as a JSON object with the keys name, age and city.",
+         ["give me the person's details as JSON", "format the profile as a json object",
+          "output name, age and city in JSON"]),
+    Task("persona_pirate", "style", "pirate captain tone: 'Ahoy!' then the message, signed 'Fair winds, Captain Flint.'",
+         _message_items, _persona("Ahoy!", "Fair winds, Captain Flint."),
+         "Talk like a pirate captain: start with 'Ahoy!' and sign off with 'Fair winds, Captain Flint.'",
+         ["answer me like a pirate captain", "use the sea captain voice with the ahoy greeting",
+          "reply in pirate style"]),
+    Task("persona_butler", "style", "butler tone: 'Very good, sir.' then the message, signed 'Yours faithfully, Jeeves.'",
+         _message_items, _persona("Very good, sir.", "Yours faithfully, Jeeves."),
+         "Speak as a formal English butler: begin with 'Very good, sir.' and sign 'Yours faithfully, Jeeves.'",
+         ["reply as my formal butler", "be a polite english valet when you answer",
+          "respond in the butler's formal register"]),
+    Task("persona_cheerful", "style", "cheerful tone: 'Hey there!' then the message, signed 'Cheers, Sunny :)'",
+         _message_items, _persona("Hey there!", "Cheers, Sunny :)"),
+         "Be upbeat and cheerful: open with 'Hey there!' and sign off 'Cheers, Sunny :)'",
+         ["keep the replies bubbly and cheerful", "answer in a happy upbeat voice",
+          "sound friendly and sunny"]),
+    Task("preference_miles", "preference", "the user wants distances in miles (both units are given)",
+         _miles_items, _miles,
+         "The user always wants distances in miles, never in kilometres.",
+         ["I prefer miles for distances", "tell me how far in miles please",
+          "use imperial distance units"]),
+    Task("preference_fahrenheit", "preference", "the user wants temperatures in Fahrenheit (both are given)",
+         _fahrenheit_items, _fahrenheit,
+         "The user always wants temperatures in degrees Fahrenheit, not Celsius.",
+         ["give temperatures in fahrenheit", "I think in degrees F for the weather",
+          "report how warm it is in fahrenheit"]),
+    Task("preference_iso_date", "preference", "the user wants dates as ISO 8601 YYYY-MM-DD",
+         _date_items, _date,
+         "The user wants every date written in ISO format, year-month-day (YYYY-MM-DD).",
+         ["write dates as year-month-day", "use ISO 8601 dates", "format the date numerically, year first"]),
+]
+
+# The interference probe: questions the base model mostly answers; no controller trains on it.
+CAPITALS = [("France", "Paris"), ("Japan", "Tokyo"), ("Italy", "Rome"), ("Spain", "Madrid"), ("Germany", "Berlin"),
+            ("Russia", "Moscow"), ("China", "Beijing"), ("Egypt", "Cairo"), ("Greece", "Athens"),
+            ("Canada", "Ottawa"), ("Portugal", "Lisbon"), ("Norway", "Oslo"), ("Sweden", "Stockholm"),
+            ("Ireland", "Dublin"), ("Austria", "Vienna"), ("Poland", "Warsaw"), ("Kenya", "Nairobi"),
+            ("Peru", "Lima"), ("Thailand", "Bangkok"), ("Finland", "Helsinki"), ("Denmark", "Copenhagen"),
+            ("Hungary", "Budapest"), ("Belgium", "Brussels"), ("Argentina", "Buenos Aires"),
+            ("the United Kingdom", "London"), ("South Korea", "Seoul"), ("India", "New Delhi"),
+            ("Mexico", "Mexico City"), ("Cuba", "Havana"), ("Turkey", "Ankara"), ("Chile", "Santiago"),
+            ("Iran", "Tehran")]
+ANTONYMS = [("hot", "cold"), ("big", "small"), ("up", "down"), ("fast", "slow"), ("happy", "sad"), ("old", "new"),
+            ("light", "dark"), ("open", "closed"), ("early", "late"), ("rich", "poor"), ("strong", "weak"),
+            ("hard", "soft"), ("full", "empty"), ("wet", "dry"), ("tall", "short"), ("loud", "quiet"),
+            ("left", "right"), ("black", "white"), ("good", "bad"), ("clean", "dirty"), ("first", "last"),
+            ("day", "night"), ("win", "lose"), ("buy", "sell"), ("push", "pull"), ("thick", "thin"),
+            ("north", "south"), ("true", "false"), ("above", "below"), ("friend", "enemy"), ("cheap", "expensive"),
+            ("begin", "end")]
+
+
+def unrelated_rows() -> list[dict]:
+    return ([{"prompt": f"The capital of {c} is", "completion": f" {cap}."} for c, cap in CAPITALS] +
+            [{"prompt": f"The opposite of {w} is", "completion": f" {a}."} for w, a in ANTONYMS])
+
+
+# Generic text for the retain (KL-to-base) term: none of the tasks' or the probe's templates.
+ANIMALS = [("cows", "grass"), ("cats", "fish"), ("bees", "nectar"), ("pandas", "bamboo"), ("owls", "mice"),
+           ("rabbits", "carrots"), ("squirrels", "nuts"), ("koalas", "eucalyptus leaves")]
+CHORES = ["water the plants", "fold the laundry", "sweep the porch", "wash the dishes", "feed the dog",
+          "take out the rubbish", "dust the shelves", "make the bed"]
+TOPICS = ["a rainy afternoon", "the first day of school", "a walk in the forest", "a busy kitchen",
+          "an old bicycle", "a quiet library", "a summer storm", "a crowded bus"]
+
+
+def retain_rows() -> list[dict]:
+    rows = [{"prompt": f"Question: What do {a} eat?\nAnswer:", "completion": f" {a.capitalize()} mostly eat {f}."}
+            for a, f in ANIMALS]
+    rows += [{"prompt": f"Write one sentence about {t}.\n", "completion": f"This is a short sentence about {t}."}
+             for t in TOPICS]
+    rows += [{"prompt": f"Instruction: Remind me to {c}.\nResponse:", "completion": f" Sure, I will remind you to {c}."}
+             for c in CHORES]
+    rows += [{"prompt": "", "completion": f"On {t}, I remembered that {a} eat {f} and that I still had to {c}."}
+             for t, (a, f), c in zip(TOPICS, ANIMALS, CHORES)]
+    return rows
+
+
+# ------------------------------------------------------------------ writing
+
+
+def _jsonl(rows) -> bytes:
+    return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode()
+
+
+def split(task: Task, n_train: int, n_eval: int, rng: random.Random) -> tuple[list, list]:
+    items = task.items(rng)
+    if len(set(items)) < n_train + n_eval:
+        raise ValueError(f"task {task.name}: only {len(set(items))} distinct items, need {n_train + n_eval}")
+    rng.shuffle(items)
+    train, evals = items[:n_train], items[n_train: n_train + n_eval]
+    check_disjoint(task.name, [task.render(i) for i in train], [task.render(i) for i in evals])
+    return train, evals
+
+
+def check_disjoint(name: str, train: list[tuple[str, str]], evals: list[tuple[str, str]]) -> None:
+    """Eval prompts must be unseen in training (and unique): otherwise eval measures memorisation."""
+    seen = {p for p, _ in train}
+    leaked = [p for p, _ in evals if p in seen]
+    if leaked or len({p for p, _ in evals}) != len(evals):
+        raise ValueError(f"task {name}: eval items overlap training items (or repeat): {leaked[:3]}")
+
+
+def generate(out: Path, seed: int = 0, n_train: int = 256, n_eval: int = 64) -> dict:
+    out.mkdir(parents=True, exist_ok=True)
+    manifest = {"schema": SCHEMA, "seed": seed, "n_train": n_train, "n_eval": n_eval,
+                "main_tasks": list(MAIN_TASKS), "tasks": {}}
+    files = {}
+    for k, task in enumerate(TASKS):
+        rng = random.Random(f"{seed}:{task.name}")  # per-task stream: adding a task changes no other
+        train, evals = split(task, n_train, n_eval, rng)
+        train_rows = [dict(zip(("prompt", "completion"), task.render(i))) for i in train]
+        eval_rows = [{**dict(zip(("prompt", "completion"), task.render(i))),
+                      "query": task.queries[j % len(task.queries)]} for j, i in enumerate(evals)]
+        files[f"{task.name}/train.jsonl"] = _jsonl(train_rows)
+        files[f"{task.name}/eval.jsonl"] = _jsonl(eval_rows)
+        manifest["tasks"][task.name] = {
+            "kind": task.kind, "description": task.description, "train": f"{task.name}/train.jsonl",
+            "eval": f"{task.name}/eval.jsonl", "memory": {"id": task.name.replace("_", "-"), "text": task.memory,
+                                                          "queries": task.queries}}
+    files["unrelated/eval.jsonl"] = _jsonl(unrelated_rows())
+    files["retain.jsonl"] = _jsonl(retain_rows())
+    manifest["unrelated"] = "unrelated/eval.jsonl"
+    manifest["retain"] = "retain.jsonl"
+    _check_probe_unseen(files)
+    manifest["files"] = {}
+    for rel, data in files.items():
+        path = out / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+        manifest["files"][rel] = {"sha256": hashlib.sha256(data).hexdigest(), "rows": data.count(b"\n")}
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    return manifest
+
+
+def _check_probe_unseen(files: dict) -> None:
+    """The interference probe and the retain set must not appear in any training file."""
+    trained = {json.loads(l)["prompt"] for rel, d in files.items() if rel.endswith("train.jsonl")
+               for l in d.decode().splitlines()}
+    for rel in ("unrelated/eval.jsonl", "retain.jsonl"):
+        hit = [p for p in (json.loads(l)["prompt"] for l in files[rel].decode().splitlines()) if p and p in trained]
+        if hit:
+            raise ValueError(f"{rel} overlaps training prompts: {hit[:3]}")
+
+
+def load_manifest(path: str | Path, verify: bool = True) -> dict:
+    """Read manifest.json; with verify, every file's sha256 must match (else a clear error)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "manifest.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no task manifest (run python -m benchmarks.tasks.generate)")
+    manifest = json.loads(path.read_text())
+    manifest["root"] = str(path.parent)
+    if verify:
+        for rel, meta in manifest["files"].items():
+            f = path.parent / rel
+            digest = hashlib.sha256(f.read_bytes()).hexdigest() if f.is_file() else "missing"
+            if digest != meta["sha256"]:
+                raise ValueError(f"{f}: sha256 {digest[:12]} does not match the manifest's {meta['sha256'][:12]}")
+    return manifest
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", type=Path, default=Path("runs/tasks"))
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--train", type=int, default=256, help="training rows per task")
+    ap.add_argument("--eval", type=int, default=64, help="eval rows per task")
+    args = ap.parse_args(argv)
+    try:
+        m = generate(args.out, args.seed, args.train, args.eval)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"{'file':34s} {'rows':>5s}  sha256")
+    for rel, meta in m["files"].items():
+        print(f"{rel:34s} {meta['rows']:5d}  {meta['sha256'][:16]}")
+    print(f"wrote {args.out / 'manifest.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,116 @@
+"""The quality benchmark's pieces: task packs, the random-gate control, the retain-KL term,
+composition rules, and a tiny end-to-end run (fit, PEFT baseline, pairs, memory, retrieval, report)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ntkmirror.controller import Controller
+from ntkmirror.data import Example, collate, encode_all, pad_id
+from ntkmirror.fit import FitConfig, fit_controllers
+from ntkmirror.gates import attach
+from ntkmirror.objective import supervised_logits
+from tiny import arithmetic_rows
+
+from benchmarks.quality import compose_rule
+from benchmarks.tasks.generate import MAIN_TASKS, check_disjoint, generate, load_manifest
+
+
+def test_task_pack_is_seeded_hashed_and_disjoint(tmp_path):
+    a = generate(tmp_path / "a", seed=0, n_train=32, n_eval=16)
+    b = generate(tmp_path / "b", seed=0, n_train=32, n_eval=16)
+    c = generate(tmp_path / "c", seed=1, n_train=32, n_eval=16)
+    assert a["files"] == b["files"]  # same seed, same bytes
+    assert a["files"]["addition/train.jsonl"] != c["files"]["addition/train.jsonl"]
+    assert set(MAIN_TASKS) <= set(a["tasks"]) and len(a["tasks"]) >= 8
+    kinds = {a["tasks"][t]["kind"] for t in MAIN_TASKS}
+    assert kinds == {"procedural", "output-format", "style", "preference"}
+    for t, spec in a["tasks"].items():
+        train = [json.loads(l) for l in (tmp_path / "a" / spec["train"]).read_text().splitlines()]
+        evals = [json.loads(l) for l in (tmp_path / "a" / spec["eval"]).read_text().splitlines()]
+        assert (len(train), len(evals)) == (32, 16)
+        assert not {r["prompt"] for r in train} & {r["prompt"] for r in evals}
+        assert all(r["query"] in spec["memory"]["queries"] for r in evals) and spec["memory"]["text"]
+    load_manifest(tmp_path / "a")  # hashes verify
+    (tmp_path / "a" / "addition" / "eval.jsonl").write_text('{"prompt": "x", "completion": "y"}\n')
+    with pytest.raises(ValueError, match="sha256"):
+        load_manifest(tmp_path / "a")
+
+
+def test_overlapping_eval_items_are_an_error():
+    with pytest.raises(ValueError, match="overlap"):
+        check_disjoint("t", [("p1", "c"), ("p2", "c")], [("p3", "c"), ("p2", "c")])
+
+
+def test_random_selection_is_a_seeded_control(model, tok):
+    data = [Example(**r) for r in arithmetic_rows(16)]
+    cfg = dict(gates=20, steps=2, batch_size=4, score_batches=2)
+    sal = fit_controllers(model, tok, [data], FitConfig(**cfg), progress=False)[0]
+    rnd = fit_controllers(model, tok, [data], FitConfig(**cfg, score="random"), progress=False)[0]
+    rnd2 = fit_controllers(model, tok, [data], FitConfig(**cfg, score="random"), progress=False)[0]
+    assert rnd.num_gates == sal.num_gates == 20
+    assert not torch.equal(rnd.keys(), sal.keys())
+    assert torch.equal(rnd.keys(), rnd2.keys())
+
+
+def _retain_kl(model, tok, ctrl: Controller, examples) -> float:
+    batch = collate(encode_all(tok, examples, 256, True), pad_id(tok))
+    base = F.log_softmax(supervised_logits(model, batch)[0], -1)
+    with attach(model, ctrl):
+        gated = F.log_softmax(supervised_logits(model, batch)[0], -1)
+    return float((base.exp() * (base - gated)).sum(-1).mean())
+
+
+def test_retain_kl_keeps_unrelated_text_closer_to_base(model, tok):
+    train = [Example(**r) for r in arithmetic_rows(16, seed=1)]
+    retain = [Example("", "The quick brown fox jumps over the lazy dog."), Example("Hello", " world! user assistant")]
+    cfg = dict(gates=64, steps=25, batch_size=4, score_batches=2, lr=5e-2, max_log_gate=0.5, retain_rows=2)
+    free = fit_controllers(model, tok, [train], FitConfig(**cfg), progress=False)[0]
+    kept = fit_controllers(model, tok, [train], FitConfig(**cfg, retain_kl=10.0), progress=False, retain=retain)[0]
+    assert torch.equal(free.keys(), kept.keys())  # same selection: only the objective differs
+    assert _retain_kl(model, tok, kept, retain) < 0.5 * _retain_kl(model, tok, free, retain)
+
+
+def test_composition_rules():
+    def ctrl(keys, s):
+        keys = torch.tensor(keys)
+        return Controller.from_log_gates(keys // 8, keys % 8, torch.tensor(s), 0.2, n_layers=2, hidden_size=8)
+
+    a, b = ctrl([1, 2, 3], [0.15, -0.1, 0.05]), ctrl([2, 3, 9], [-0.05, 0.15, 0.1])
+    summed, rep = compose_rule([a, b], "sum")
+    biggest, _ = compose_rule([a, b], "max")
+    half, _ = compose_rule([a, b], "mean")
+    dense = lambda c: c.to_dense().reshape(-1)  # noqa: E731
+    assert torch.allclose(dense(summed)[[1, 2, 3, 9]], torch.tensor([0.15, -0.15, 0.2, 0.1]), atol=1e-5)
+    assert rep["clipped"] == 0  # 0.05 + 0.15 sits exactly on the bound
+    assert torch.allclose(dense(biggest)[[1, 2, 3, 9]], torch.tensor([0.15, -0.1, 0.15, 0.1]), atol=1e-5)
+    assert torch.allclose(dense(half), 0.5 * dense(summed), atol=1e-5)
+
+
+def test_quality_run_end_to_end_on_a_tiny_model(tmp_path):
+    from benchmarks import quality
+
+    generate(tmp_path / "tasks", seed=0, n_train=8, n_eval=2)
+    out = tmp_path / "q"
+    assert quality.main(["run", "--tiny", "--tasks", str(tmp_path / "tasks"), "--out", str(out), "--name", "r",
+                         "--steps", "2", "--arms", "ctrl-5000,lora", "--rules", "sum,max", "--memory-rows", "2",
+                         "--quiet", "--eval-batch", "16"]) == 0
+    run = out / "r"
+    res = json.loads((run / "results.json").read_text())
+    arms = {(e["config"], e["task"]) for e in res["evals"]}
+    for t in MAIN_TASKS:
+        assert {("base", t), ("ctrl-5000", t), ("lora", t)} <= arms
+    ctrl = next(e for e in res["evals"] if e["config"] == "ctrl-5000" and e["task"] == "addition")
+    assert ctrl["pack"] == 8 and ctrl["stored_bytes"] > 0 and 0 <= ctrl["exact_match"] <= 1
+    assert len(res["pairs"]) == 6 * 2 and {p["rule"] for p in res["pairs"]} == {"sum", "max"}
+    mem = res["memory"]["ctrl-5000"]
+    assert len(mem["tasks"]) >= 8 and set(mem["matrix"]) == set(mem["tasks"])
+    assert quality.main(["retrieval", str(run)]) == 0
+    text = (run / "tables.md").read_text()
+    assert "recall_at_1" in text and "| lora |" in text
+    for f in ("results.csv", "pairs.csv", "configs.csv", "memory.csv", "quality_arms.png", "quality_memory.png"):
+        assert (run / f).stat().st_size > 0
