@@ -151,7 +151,7 @@ def register(app) -> None:
     ):
         """Secant vs tangent along the controller ray, and tangent drift."""
         from .data import load_jsonl_examples
-        from .secant import SecantConfig, secant
+        from .secant import SecantConfig, secant_check
 
         try:
             fr = tuple(float(x) for x in fractions.split(","))
@@ -161,7 +161,7 @@ def register(app) -> None:
                            batch_size=batch_size, max_length=max_length, add_eos=not no_eos).validate()
         m, tok = load(model, device, dtype, quiet=as_json)
         c = load_controller(controller, m, allow_model_mismatch)
-        rep = secant(m, tok, c, load_jsonl_examples(eval_path, tok), cfg)
+        rep = secant_check(m, tok, c, load_jsonl_examples(eval_path, tok), cfg)
         rep["controller_path"] = str(controller)
         _write_json(out_path, rep)
 

@@ -43,7 +43,7 @@ class SecantConfig:
         return self
 
 
-def secant(model, tokenizer, controller: Controller, examples: Sequence[Example],
+def secant_check(model, tokenizer, controller: Controller, examples: Sequence[Example],
            config: SecantConfig | None = None) -> dict:
     """Secant errors and cosines along the controller ray, tangent drift and midpoint error."""
     cfg = (config or SecantConfig()).validate()

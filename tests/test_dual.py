@@ -14,7 +14,7 @@ from ntkmirror.data import collate, encode_all, example_from_row, pad_id
 from ntkmirror.dual import (DualConfig, FitDualConfig, GateBasis, Observable, Tangent, conjugate_gradient,
                             diagnose_many, dual_diagnose, fit_dual, solve_field, target_field)
 from ntkmirror.errors import ConfigError
-from ntkmirror.secant import SecantConfig, secant
+from ntkmirror.secant import SecantConfig, secant_check
 from tiny import arithmetic_rows, tiny_model
 
 # An exact instrument: tiny ridge and tolerance, enough CG iterations for the whole range.
@@ -168,7 +168,7 @@ def test_fit_dual_saves_a_controller_and_secant_reads_it(tok, tmp_path):
     assert c.num_gates == 24 and c.log_gates().abs().max() <= c.max_log_gate and c.log_gates().abs().sum() > 0
     assert c.meta["fit"]["method"] == "fit-dual" and c.meta["fit"]["steps_run"] == 2
     loaded = Controller.load(c.save(tmp_path / "c.safetensors")).check_model(model)
-    sec = secant(model, tok, loaded, examples(3, seed=4), SecantConfig(batch_size=3, fractions=(0.25, 1.0)))
+    sec = secant_check(model, tok, loaded, examples(3, seed=4), SecantConfig(batch_size=3, fractions=(0.25, 1.0)))
     quarter, full = sec["fractions"]
     assert quarter["secant_error"] <= full["secant_error"] and full["cosine"] > 0.9
     assert sec["midpoint_error"] < full["secant_error"]  # second order beats first order
