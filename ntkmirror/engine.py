@@ -9,7 +9,7 @@ most of each step in Python and kernel launches. This engine removes it:
   writes only persistent buffers, so on CUDA it is captured once in a CUDA graph (after
   `torch.compile` fuses it, by default) and then replayed;
 - the per-row gate tensor is one of those buffers: (max_batch, n_layers, H) float32
-  log-gates, copied into before each call. Every row can carry a different composed
+  log-gates (and their exp), copied into before each call. Every row can carry a different composed
   controller and a new set of controllers never needs a re-capture. Gates use the same hook
   (`ntkmirror.gates`) as training and evaluation; zero rows are exactly the identity.
 
@@ -86,6 +86,7 @@ class GenerationEngine:
         self.kv = _StaticKV(self.n_layers, S)
         # Persistent decode state: the captured graph reads and writes these addresses.
         self._gates = torch.zeros(B, self.n_layers, self.hidden, device=dev)  # float32 log-gates
+        self._scale = torch.ones_like(self._gates)  # exp(_gates), made once per call, not per layer
         self._tok = torch.zeros(B, 1, dtype=torch.long, device=dev)  # last token of each row
         self._pos = torch.zeros(1, dtype=torch.long, device=dev)  # its cache slot
         self._position_ids = torch.zeros(B, 1, dtype=torch.long, device=dev)  # its rotary position
@@ -203,7 +204,7 @@ class GenerationEngine:
 
     # ------------------------------------------------------------------ gates
     def _row_gates(self) -> RowGates:
-        return RowGates(list(range(self.n_layers)), self._gates)
+        return RowGates(list(range(self.n_layers)), self._gates, self._scale)
 
     def _check_gates(self, gates: RowGates, n: int) -> None:
         v = gates.values
@@ -218,6 +219,7 @@ class GenerationEngine:
         self._gates.zero_()  # identity for layers and rows without gates
         layers = torch.tensor(gates.layers, device=self.device)
         self._gates[:n, layers] = v[lo: lo + n] if v.dim() == 3 else v
+        torch.exp(self._gates, out=self._scale)
 
     # ------------------------------------------------------------------ CUDA graphs
     def _step_gated(self) -> None:

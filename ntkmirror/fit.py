@@ -82,7 +82,8 @@ class PackedGates:
         C = self.raw.shape[0]
         dense = torch.zeros(C, len(self.layers) * self.hidden + 1, device=self.raw.device)
         dense = dense.scatter(1, self.idx, self.log_gates())[:, :-1]
-        return RowGates(self.layers, dense[row_ctrl].view(-1, len(self.layers), self.hidden))
+        values = dense[row_ctrl].view(-1, len(self.layers), self.hidden)  # (B, L_g, H)
+        return RowGates(self.layers, values, torch.exp(values))  # one exp for all layers
 
     def controller(self, c: int, raw: torch.Tensor | None = None, **kw) -> Controller:
         raw = self.raw if raw is None else raw

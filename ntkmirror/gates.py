@@ -22,9 +22,10 @@ from .models import find_decoder_layers
 class RowGates:
     layers: list[int]  # gated decoder-layer indices, ascending
     values: torch.Tensor  # (B, L_g, H) or (L_g, H) float32 log-gates
+    scale: torch.Tensor | None = None  # exp(values) made once (one kernel, not one per layer), or None
 
     def to(self, device) -> "RowGates":
-        return RowGates(self.layers, self.values.to(device))
+        return RowGates(self.layers, self.values.to(device), None if self.scale is None else self.scale.to(device))
 
 
 def row_gates(rows: Sequence[Sequence[tuple[Controller, float]]], n_layers: int, hidden: int,
@@ -51,36 +52,58 @@ def row_gates(rows: Sequence[Sequence[tuple[Controller, float]]], n_layers: int,
     return RowGates(layers, flat.view(B, len(layers), hidden).to(device or "cpu"))
 
 
-def _gated(h: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-    """exp(s) * h in at least float32, cast back: in bf16, exp(s) for |s| < ~0.004 rounds to 1."""
+def _gated(h: torch.Tensor, s: torch.Tensor, g: torch.Tensor | None = None) -> torch.Tensor:
+    """exp(s) * h in at least float32, cast back: in bf16, exp(s) for |s| < ~0.004 rounds to 1.
+    `g` is exp(s) when the caller made it already."""
     if s.dim() == 2:  # (B, H) per row -> broadcast over tokens
         if s.shape[0] not in (1, h.shape[0]):
             raise ControllerError(f"gate tensor has {s.shape[0]} rows, the batch has {h.shape[0]}")
         s = s[:, None, :]
+        g = None if g is None else g[:, None, :]
+    g = torch.exp(s) if g is None else g
     if h.dtype in (torch.bfloat16, torch.float16) and not torch.compiler.is_compiling():
-        return _LowPrecisionGate.apply(h, s)  # same numbers, one pass over h instead of three
-    return (h.to(torch.promote_types(h.dtype, torch.float32)) * torch.exp(s)).to(h.dtype)
+        return _LowPrecisionGate.apply(h, g)  # same numbers, one pass over h instead of three
+    return (h.to(torch.promote_types(h.dtype, torch.float32)) * g).to(h.dtype)
+
+
+def _scale(h: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """(h.float() * g).to(h.dtype) in one pass. `torch.mul(..., out=)` with a low-precision
+    output computes in float32 and rounds once (bit-identical), but its mixed-dtype broadcast
+    kernel is slow on large CUDA tensors; there a compiled kernel (same rounding) does it."""
+    if h.is_cuda and h.numel() >= FUSED_MIN_NUMEL and _compiled_scale() is not None:
+        return _COMPILED[0](h, g)
+    return torch.mul(h, g, out=torch.empty_like(h))
+
+
+FUSED_MIN_NUMEL = 2**22  # below this, a compiled call's Python overhead outweighs its speed
+_COMPILED: list = []
+
+
+def _compiled_scale():
+    if not _COMPILED:
+        try:
+            _COMPILED.append(torch.compile(lambda h, g: (h.float() * g).to(h.dtype), dynamic=True))
+        except Exception:  # no compiler available: the eager kernel is still exact
+            _COMPILED.append(None)
+    return _COMPILED[0]
 
 
 class _LowPrecisionGate(torch.autograd.Function):
-    """`(h.float() * exp(s)).to(h.dtype)` for bf16/fp16 h, fused: `torch.mul(..., out=)` with a
-    low-precision output computes in float32 and rounds once, so results are bit-identical,
-    without materialising a float32 copy of h (nor saving one for backward)."""
+    """`(h.float() * g).to(h.dtype)` for bf16/fp16 h, fused: bit-identical to the float32
+    expression, without materialising a float32 copy of h (nor saving one for backward)."""
 
     @staticmethod
-    def forward(ctx, h, s):
-        g = torch.exp(s)  # float32
+    def forward(ctx, h, g):
         ctx.save_for_backward(h, g)
-        ctx.s_shape = s.shape
-        return torch.mul(h, g, out=torch.empty_like(h))
+        return _scale(h, g)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
         h, g = ctx.saved_tensors
-        grad_h = torch.mul(grad, g, out=torch.empty_like(grad)) if ctx.needs_input_grad[0] else None
-        grad_s = (grad.float() * h).sum_to_size(ctx.s_shape) * g if ctx.needs_input_grad[1] else None
-        return grad_h, grad_s
+        grad_h = _scale(grad, g) if ctx.needs_input_grad[0] else None
+        grad_g = (grad.float() * h).sum_to_size(g.shape) if ctx.needs_input_grad[1] else None
+        return grad_h, grad_g
 
 
 class GateHooks:
@@ -105,7 +128,8 @@ class GateHooks:
         def hook(module, args, output):
             h = output[0] if isinstance(output, tuple) else output  # transformers 5: bare tensor
             s = self.gates.values[..., j, :]
-            h2 = _gated(h, s)
+            g = None if self.gates.scale is None else self.gates.scale[..., j, :]
+            h2 = _gated(h, s, g)
             if self.record:
                 self.outputs[layer] = h2
             return (h2,) + tuple(output[1:]) if isinstance(output, tuple) else h2

@@ -2,8 +2,8 @@
 
 Logits are computed only at supervised positions (the LM head is most of a small model's
 FLOPs at long sequence lengths) and upcast to float32. When the (N, V) float32 logits would be
-large (big vocabularies, many packed controllers) they are made chunk by chunk and recomputed
-in backward, so they never exist all at once.
+large (big vocabularies, many packed controllers) they are made chunk by chunk, with each
+chunk's gradient taken at once, so they never exist all at once.
 """
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
 from .data import Batch
 
@@ -47,12 +46,14 @@ def token_losses(model, batch: Batch) -> TokenLoss:
     """Per-token NLL at every supervised position (labels shifted by one)."""
     head = _plain_head(model)
     row, col, targets = _positions(batch)
-    if head is None or len(targets) * head.weight.shape[0] <= LOGITS_CHUNK:
+    fusable = head is not None and getattr(head, "bias", None) is None and not head.weight.requires_grad
+    if not fusable or len(targets) * head.weight.shape[0] <= LOGITS_CHUNK:
         logits = _logits_at(model, batch, row, col)
         return TokenLoss(F.cross_entropy(logits, targets, reduction="none"), logits.argmax(-1) == targets, row)
     hidden = _hidden(model, batch)[row, col]  # (N, H)
     step = max(1, LOGITS_CHUNK // head.weight.shape[0])
-    parts = [_chunk_loss(head, hidden[i: i + step], targets[i: i + step]) for i in range(0, len(targets), step)]
+    parts = [_HeadNLL.apply(hidden[i: i + step], head.weight, targets[i: i + step])
+             for i in range(0, len(targets), step)]
     return TokenLoss(torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]), row)
 
 
@@ -79,16 +80,32 @@ def _hidden(model, batch: Batch) -> torch.Tensor:
                             use_cache=False).last_hidden_state  # (B, T, H)
 
 
-def _chunk_loss(head, hidden, targets):
-    if torch.is_grad_enabled() and hidden.requires_grad:  # recompute the logits in backward
-        return checkpoint(_nll_correct, head, hidden, targets, use_reentrant=False)
-    return _nll_correct(head, hidden, targets)
+class _HeadNLL(torch.autograd.Function):
+    """Per-token NLL (and argmax == target) of a frozen head on a chunk of hidden states.
 
+    nll_i depends on hidden_i alone, so d nll_i / d hidden_i = (softmax_i - onehot_i) @ W is
+    made here, in forward, while the chunk's logits exist; backward only scales it by the
+    upstream per-token gradient. The (n, V) logits are never kept, nor recomputed."""
 
-def _nll_correct(head, hidden, targets):
-    logits = head(hidden)
-    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # (n, V)
-    return F.cross_entropy(logits, targets, reduction="none"), logits.argmax(-1) == targets
+    @staticmethod
+    def forward(ctx, hidden, weight, targets):
+        logits = F.linear(hidden, weight)
+        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # (n, V)
+        lse = logits.logsumexp(-1)
+        nll = lse - logits.gather(1, targets[:, None]).squeeze(1)
+        correct = logits.argmax(-1) == targets
+        if ctx.needs_input_grad[0]:
+            p = logits.sub_(lse[:, None]).exp_()  # softmax, in place
+            p[torch.arange(len(targets), device=p.device), targets] -= 1
+            ctx.save_for_backward(p.to(weight.dtype) @ weight)  # (n, H)
+        ctx.mark_non_differentiable(correct)
+        return nll, correct
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_nll, _):
+        (d_hidden,) = ctx.saved_tensors
+        return (grad_nll[:, None] * d_hidden).to(d_hidden.dtype), None, None
 
 
 def group_means(values: torch.Tensor, group: torch.Tensor, n_groups: int) -> torch.Tensor:
