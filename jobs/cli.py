@@ -138,14 +138,14 @@ def _argv(ctx: typer.Context) -> list[str]:
             args += [flag] if value else []
             continue
         for v in value if p.multiple else [value]:
-            args += [flag, _absolute(v)]
+            args += [flag, _absolute(v, is_path=p.name == "store")]
     return args
 
 
-def _absolute(v) -> str:
-    """Local paths become absolute (the job runs in another directory); URLs and ids stay."""
+def _absolute(v, is_path: bool = False) -> str:
+    """Local paths become absolute (the job runs in another directory); URLs and hub ids stay."""
     s = str(v)
-    if isinstance(v, Path) or ("://" not in s and Path(s).exists()):
+    if "://" not in s and (is_path or isinstance(v, Path) or Path(s).exists()):
         return str(Path(s).resolve())
     return s
 

@@ -8,9 +8,17 @@ redis-server).
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, replace
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
 import threading
 import time
+from dataclasses import asdict, replace
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -36,15 +44,54 @@ CFG = FitConfig(gates=24, steps=12, score_batches=2, batch_size=4)
 FIT_FLAGS = ["--gates", "24", "--steps", "12", "--score-batches", "2", "--batch-size", "4"]
 
 
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 @pytest.fixture(scope="module")
-def ray_cluster():
-    """A local 2-CPU Ray cluster with the dashboard (the Jobs API lives there); its http address."""
+def ray_cluster(tmp_path_factory):
+    """A private 2-CPU Ray head with the dashboard (the Jobs API lives there); yields its http address.
+
+    `ray start --head` on free ports in its own temp dir: ray.init cannot move the dashboard
+    agent off its fixed port, which another Ray on this machine may already hold. Stopped
+    through its own process and process group (never `ray stop`: that ends every Ray here).
+    """
     assert not ray.is_initialized()
-    ctx = ray.init(num_cpus=2, include_dashboard=True, dashboard_port=0, logging_level="ERROR")
+    temp = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # short: Ray's socket paths must stay < 108 chars
+    gcs, dash, agent, client = (_free_port() for _ in range(4))
+    log = tmp_path_factory.mktemp("ray-head") / "ray-start.log"
+    cmd = [str(Path(sys.executable).parent / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1",
+           f"--port={gcs}", "--num-cpus=2", "--num-gpus=0", "--include-dashboard=true", f"--dashboard-port={dash}",
+           f"--dashboard-agent-listen-port={agent}", f"--ray-client-server-port={client}", f"--temp-dir={temp}",
+           "--disable-usage-stats"]
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
+    with log.open("wb") as out:
+        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        yield "http://" + ctx.dashboard_url
+        deadline = time.time() + 120
+        while True:
+            try:
+                ray.init(address=f"127.0.0.1:{gcs}", logging_level="ERROR")
+                break
+            except ConnectionError:
+                if proc.poll() is not None or time.time() > deadline:
+                    pytest.fail(f"ray start failed: {log.read_text()[-2000:]}")
+                time.sleep(1)
+        yield f"http://127.0.0.1:{dash}"
     finally:
         ray.shutdown()
+        proc.terminate()  # `ray start` drains the node and stops what it started
+        try:
+            proc.wait(timeout=40)
+        except subprocess.TimeoutExpired:
+            pass
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)  # anything of that group still left
+        except ProcessLookupError:
+            pass
+        shutil.rmtree(temp, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
@@ -253,13 +300,14 @@ def test_dual_diagnostics_job(pool, tmp_path, tiny_model_dir):
         assert r["gates"] == CFG.gates and 0 <= r["range_residual"] <= 1.0 + 1e-6 and r["adjoint_error"] < 1e-3
 
 
-def test_job_submitted_through_ray_jobs_api(ray_cluster, pool, tmp_path, tiny_model_dir, capsys):
+def test_job_submitted_through_ray_jobs_api(ray_cluster, pool, tmp_path, tiny_model_dir, capsys, monkeypatch):
     rows = manifest_rows(4, tmp_path, tenant="submitted")
-    manifest = write_manifest(tmp_path / "m.jsonl", rows)
-    store, report = tmp_path / "store", tmp_path / "report.parquet"
-    code = main(["jobs", "fit", "--submit", "--address", ray_cluster, "--json", "--manifest", str(manifest),
-                 "--store", str(store), "--report", str(report), "--model", str(tiny_model_dir), "--replicas", "2",
+    write_manifest(tmp_path / "m.jsonl", rows)
+    monkeypatch.chdir(tmp_path)  # relative paths here must mean the same files to the job, which runs elsewhere
+    code = main(["jobs", "fit", "--submit", "--address", ray_cluster, "--json", "--manifest", "m.jsonl",
+                 "--store", "store", "--report", "report.parquet", "--model", str(tiny_model_dir), "--replicas", "2",
                  "--cpus-per-replica", "0.5", "--pack-size", "2", *FIT_FLAGS])
+    store, report = tmp_path / "store", tmp_path / "report.parquet"
     out, err = capsys.readouterr()
     assert code == 0, err
     result = json.loads(out)
