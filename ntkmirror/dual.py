@@ -303,6 +303,11 @@ def _cos(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a @ b).item() / (na * nb) if na > 0 and nb > 0 else float(na == nb)
 
 
+def _mismatch(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor) -> float:
+    """|a - b| / scale for scalars (0 when the scale vanishes)."""
+    return abs(a.item() - b.item()) / scale.item() if scale > 0 else 0.0
+
+
 def _probe_errors(tan: Tangent, K: Callable, m: int, k: int, like: torch.Tensor, n: int, gen) -> tuple[float, float]:
     """Worst relative adjoint error |<y,Bv> - <B^T y,v>| and symmetry error |<x,Ky> - <Kx,y>|."""
     rnd = lambda size: torch.randn(size, generator=gen, dtype=torch.float64).to(like)  # noqa: E731
@@ -310,10 +315,10 @@ def _probe_errors(tan: Tangent, K: Callable, m: int, k: int, like: torch.Tensor,
     for _ in range(n):
         y, v = rnd(m), rnd(k)
         Bv, Bty = tan.jvp(v), tan.vjp(y)
-        adj = max(adj, abs((y @ Bv - Bty @ v).item()) / max(y.norm() * Bv.norm(), Bty.norm() * v.norm(), 1e-300).item())
+        adj = max(adj, _mismatch(y @ Bv, Bty @ v, torch.maximum(y.norm() * Bv.norm(), Bty.norm() * v.norm())))
         x, y = rnd(m), rnd(m)
         Kx, Ky = K(x), K(y)
-        sym = max(sym, abs((x @ Ky - Kx @ y).item()) / max(x.norm() * Ky.norm(), Kx.norm() * y.norm(), 1e-300).item())
+        sym = max(sym, _mismatch(x @ Ky, Kx @ y, torch.maximum(x.norm() * Ky.norm(), Kx.norm() * y.norm())))
     return adj, sym
 
 
