@@ -127,7 +127,8 @@ class IndexedStore(MemoryStore):
         return self.put_many(tenant, [dict(id=id, controller=controller, text=text, tags=tags, metadata=metadata)])[0]
 
     def put_many(self, tenant: str, entries: Sequence[dict]) -> list[MemoryItem]:
-        """Bulk put: one embedding batch, one near-duplicate search, one lock/transaction per batch."""
+        """Bulk put: one embedding batch, one near-duplicate search, one lock/transaction per batch.
+        An entry may carry `embedding`: its text's embedding by the store's embedder, precomputed."""
         tenant = validate_id(tenant, "tenant")
         prepared = [self._prepare(tenant, **e) for e in entries]
         ids = [f["id"] for f, _, _ in prepared]
@@ -135,7 +136,10 @@ class IndexedStore(MemoryStore):
             raise ConfigError("put_many: an id appears twice in one batch")
         if not prepared:
             return []
-        vecs = text_embed.embed([f["text"] for f, _, _ in prepared])
+        vecs = [self._given_embedding(e) for e in entries]
+        todo = [i for i, v in enumerate(vecs) if v is None]
+        for i, v in zip(todo, text_embed.embed([prepared[i][0]["text"] for i in todo])):
+            vecs[i] = v
         sketches = np.stack([ctrl_sketch.sketch(c) for _, c, _ in prepared])
         warnings = self._near_duplicates(tenant, ids, sketches)
         writes = []
@@ -148,8 +152,21 @@ class IndexedStore(MemoryStore):
         return items
 
     @staticmethod
+    def _given_embedding(entry: dict) -> np.ndarray | None:
+        """An entry may carry its text embedding (computed elsewhere, e.g. on a GPU, in bulk)."""
+        v = entry.get("embedding")
+        if v is None:
+            return None
+        v = np.asarray(v, np.float32).reshape(-1)
+        norm = float(np.linalg.norm(v))
+        if v.shape != (text_embed.DIM,) or not math.isfinite(norm) or norm == 0:
+            raise ConfigError(f"memory {entry.get('id')!r}: embedding must be {text_embed.DIM} finite numbers, "
+                              f"not all zero (from {text_embed.EMBEDDER})")
+        return v / norm
+
+    @staticmethod
     def _prepare(tenant: str, id: str, controller: Controller, text: str, tags: Sequence[str] = (),
-                 metadata: dict | None = None) -> tuple[dict, Controller, bytes]:
+                 metadata: dict | None = None, embedding=None) -> tuple[dict, Controller, bytes]:
         validate_id(id)
         if not isinstance(text, str) or not text.strip():
             raise ConfigError(f"memory {id!r}: text must be a non-empty string (it is what retrieval matches)")

@@ -137,6 +137,8 @@ def test_bad_input_is_refused_and_writes_nothing(store):
     bad_ctrl.raw[0] = float("nan")
     with pytest.raises(Exception, match="NaN"):
         store.put("default", "ok", bad_ctrl, "text")
+    with pytest.raises(ConfigError, match="embedding"):
+        store.put_many("default", [dict(id="ok", controller=ctrl(1), text="text", embedding=[0.5] * 3)])
     with pytest.raises(ConfigError):
         store.search("default", "query", top_k=0)
     with pytest.raises(ConfigError):
