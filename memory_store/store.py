@@ -172,11 +172,13 @@ class IndexedStore(MemoryStore):
             raise ConfigError(f"memory {id!r}: text must be a non-empty string (it is what retrieval matches)")
         if len(text) > MAX_TEXT:
             raise ConfigError(f"memory {id!r}: text longer than {MAX_TEXT} characters")
+        if not isinstance(metadata, (dict, type(None))):
+            raise ConfigError(f"memory {id!r}: metadata must be a JSON object, not {type(metadata).__name__}")
         metadata = dict(metadata or {})
         try:
-            if len(json.dumps(metadata)) > MAX_METADATA:
+            if len(json.dumps(metadata, allow_nan=False)) > MAX_METADATA:
                 raise ConfigError(f"memory {id!r}: metadata larger than {MAX_METADATA} bytes of JSON")
-        except TypeError as e:
+        except (TypeError, ValueError) as e:  # ValueError: NaN/Infinity, which JSON cannot hold
             raise ConfigError(f"memory {id!r}: metadata must be JSON-serialisable ({e})") from None
         if not isinstance(controller, Controller):
             raise ConfigError(f"memory {id!r}: controller must be a Controller")

@@ -25,6 +25,8 @@ from .errors import ControllerError, ModelMismatchError
 SCHEMA_VERSION = 1
 MAX_GATES = int(os.environ.get("NTKMIRROR_MAX_GATES", 1 << 20))
 DEFAULT_MAX_LOG_GATE = 0.05
+# exp(s) multiplies hidden states: past ~e^10 a forward pass overflows into inf/NaN logits
+MAX_LOG_GATE_LIMIT = 10.0
 
 
 @dataclass
@@ -80,8 +82,9 @@ class Controller:
         if not (self.layer.numel() == self.channel.numel() == K):
             raise ControllerError(f"layer/channel/raw lengths differ ({self.layer.numel()}, "
                                   f"{self.channel.numel()}, {K})")
-        if not (math.isfinite(self.max_log_gate) and self.max_log_gate > 0):
-            raise ControllerError(f"max_log_gate must be a positive finite number, got {self.max_log_gate}")
+        if not (math.isfinite(self.max_log_gate) and 0 < self.max_log_gate <= MAX_LOG_GATE_LIMIT):
+            raise ControllerError(f"max_log_gate must be a positive number up to {MAX_LOG_GATE_LIMIT:g}, "
+                                  f"got {self.max_log_gate}")
         if self.n_layers <= 0 or self.hidden_size <= 0:
             raise ControllerError("n_layers and hidden_size must be positive")
         if K > max_gates:
@@ -165,6 +168,14 @@ class Controller:
             raise ControllerError(f"{source}: missing tensor(s) {missing}")
         if not all(isinstance(v, torch.Tensor) for v in tensors.values()):
             raise ControllerError(f"{source}: layer/channel/raw must be tensors")
+        # refuse what the constructor would silently coerce (float indices truncated, shapes flattened)
+        t = {k: tensors[k] for k in ("layer", "channel", "raw")}
+        if any(v.dim() != 1 for v in t.values()):
+            raise ControllerError(f"{source}: layer/channel/raw must be 1-D tensors")
+        if t["layer"].is_floating_point() or t["channel"].is_floating_point() or not t["raw"].is_floating_point():
+            raise ControllerError(f"{source}: layer/channel must be integer tensors and raw a float tensor")
+        if not isinstance(meta, dict):
+            raise ControllerError(f"{source}: controller metadata must be a JSON object")
         meta = dict(meta)
         version = meta.pop("schema_version", SCHEMA_VERSION)
         if version != SCHEMA_VERSION:

@@ -7,6 +7,7 @@ fits done together. C = 1 is the ordinary single fit.
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import asdict, dataclass
 from typing import Sequence
@@ -14,8 +15,9 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from .controller import Controller, new_meta
+from .controller import MAX_LOG_GATE_LIMIT, Controller, new_meta
 from .data import Batch, Example, collate, data_hash, encode_all, pad_id
+from .errors import ConfigError, DataError
 from .gates import RowGates, attach, parse_layers
 from .models import find_decoder_layers, hidden_size
 from .objective import group_means, supervised_logits, token_losses
@@ -41,6 +43,20 @@ class FitConfig:
     stats_examples: int = 32  # training examples used for the before/after NLL
     retain_kl: float = 0.0  # weight of KL(base || gated) on retain examples (needs `retain=`)
     retain_rows: int = 4  # retain examples per step, seen by every controller
+
+    def check(self) -> "FitConfig":
+        """Refuse settings that would fail late, silently do nothing, or never end."""
+        for name, lo in (("gates", 1), ("steps", 0), ("batch_size", 1), ("score_batches", 1), ("max_length", 1),
+                         ("retain_rows", 1)):
+            if not getattr(self, name) >= lo:
+                raise ConfigError(f"{name} must be at least {lo}, got {getattr(self, name)!r}")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise ConfigError(f"lr must be a positive number, got {self.lr!r}")
+        if not (0 < self.max_log_gate <= MAX_LOG_GATE_LIMIT):
+            raise ConfigError(f"max_log_gate must be in (0, {MAX_LOG_GATE_LIMIT:g}], got {self.max_log_gate!r}")
+        if self.score not in ("abs", "coherent", "random"):
+            raise ConfigError(f"score must be abs, coherent or random, got {self.score!r}")
+        return self
 
 
 class BatchSampler:
@@ -163,7 +179,10 @@ def fit_controllers(model, tokenizer, datasets: Sequence[Sequence[Example]], con
     KL divergence from the base model on cfg.retain_rows of them (non-interference)."""
     from tqdm.auto import tqdm
 
-    cfg = config or FitConfig()
+    cfg = (config or FitConfig()).check()
+    for i, ds in enumerate(datasets):
+        if not ds:  # an empty dataset would make its batch sampler spin forever
+            raise DataError(f"dataset {i} has no training examples")
     t0 = time.perf_counter()
     device = next(model.parameters()).device
     model.requires_grad_(False)

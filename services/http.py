@@ -41,12 +41,13 @@ STATUS: list[tuple[type, int, str]] = [
 ]
 
 _PATH = re.compile(r"(?<![\w.:/])(?:~|\.{1,2})?(?:/[\w.@+~-]+){2,}/?")
+_CONTROL = re.compile(r"\x1b\[[0-9;]*[A-Za-z]|[\x00-\x1f\x7f]")  # terminal colour codes and control characters
 
 
 def clean(message: str, limit: int = 500) -> str:
-    """A message safe to return: no file paths, no newlines (tracebacks), bounded length."""
+    """A message safe to return: no file paths, no newlines (tracebacks), no control characters, bounded length."""
     first = str(message).strip().splitlines()[0] if str(message).strip() else ""
-    return _PATH.sub("<path>", first)[:limit]
+    return _PATH.sub("<path>", _CONTROL.sub("", first))[:limit]
 
 
 def unwrap(exc: BaseException) -> BaseException:
@@ -135,15 +136,29 @@ def install(app: FastAPI, max_body_bytes: int) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError):
+        ctype = request.headers.get("content-type", "")
+        if request.method in ("POST", "PUT", "PATCH") and not _is_json(ctype) and any(
+                tuple(e.get("loc", ())) == ("body",) for e in exc.errors()):
+            # FastAPI does not parse a body sent as another type: say that, not "not a valid object"
+            message = f"the request body must be JSON sent with Content-Type: application/json (got {ctype or 'none'!r})"
+            return error_json(422, "invalid_request_error", clean(message))
         errors = [f"{'.'.join(str(p) for p in e.get('loc', ()))}: {e.get('msg', '')}" for e in exc.errors()[:10]]
         return error_json(422, "invalid_request_error", clean("; ".join(errors), 2000))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException):
         kind = "request_too_large" if exc.status_code == 413 else "http_error"
-        return error_json(exc.status_code, kind, clean(exc.detail), getattr(exc, "headers", None))
+        detail = exc.detail
+        if exc.status_code == 400 and detail == "There was an error parsing the body":  # e.g. invalid UTF-8
+            detail = "the request body could not be parsed: send UTF-8 JSON"
+        return error_json(exc.status_code, kind, clean(detail), getattr(exc, "headers", None))
 
     app.add_middleware(Guard, max_body_bytes=max_body_bytes)
+
+
+def _is_json(content_type: str) -> bool:
+    media = content_type.split(";")[0].strip().lower()
+    return media == "application/json" or media.endswith("+json")
 
 
 class BodyTooLarge(StarletteHTTPException):

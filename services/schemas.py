@@ -15,6 +15,7 @@ from typing import Annotated, Any, Literal, Optional
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, field_validator, model_validator
 
 from memory_store.base import ID_PATTERN, TAG_PATTERN
+from ntkmirror.data import example_from_row
 from ntkmirror.fit import FitConfig
 
 
@@ -64,6 +65,11 @@ class FitParams(Strict):
 class ExampleIn(Strict):
     prompt: str = Field("", max_length=100_000)
     completion: Text
+
+    @model_validator(mode="after")
+    def _supervisable(self):
+        example_from_row(self.model_dump())  # the core's rules (e.g. no blank completion), at submission
+        return self
 
 
 class MemoryCreate(Strict):
