@@ -34,7 +34,7 @@ from .retrieval import Retrieval, check_identity
 from .schemas import (ChatChoice, ChatChoiceMessage, ChatCompletion, ChatCompletionRequest, FitParams, GenerateRequest,
                       GenerateResponse, JobOut, KeyCreate, KeyOut, MemoryCreate, MemoryList, MemoryOut, MemoryUsed,
                       ModelCard, ModelList, SearchHitOut, SearchRequest, SearchResponse, TenantCreate, TenantOut,
-                      Usage)
+                      Usage, UserName)
 from .state import StateStore
 
 log = logging.getLogger("ray.serve")
@@ -101,14 +101,8 @@ class Ingress:
 
     # ---- helpers
     async def _tenant(self, token: Optional[str]) -> tuple[str, Quotas]:
-        """Authenticate and charge one request to the tenant's rate limit."""
-        tenant = await asyncio.to_thread(self.auth.tenant_for, token)
-        quotas = await asyncio.to_thread(self.auth.quotas, tenant)
-        await asyncio.to_thread(self.auth.check_rate, tenant, quotas)
-        return tenant, quotas
-
-    async def _admin(self, token: Optional[str]) -> None:
-        self.auth.require_admin(token)
+        """Authenticate and charge one request to the tenant's rate limit (state I/O off the loop)."""
+        return await asyncio.to_thread(self.auth.authenticate, token)
 
     async def identity(self) -> dict:
         if self._identity is None:
@@ -199,7 +193,7 @@ class Ingress:
                 return
 
     @api.get("/v1/memories", response_model=MemoryList, tags=["memories"])
-    async def list_memories(self, tag: list[str] = Query(default=[]), user: Optional[str] = None,
+    async def list_memories(self, tag: list[str] = Query(default=[]), user: Optional[UserName] = None,
                             token: Optional[str] = Depends(bearer)):
         tenant, _ = await self._tenant(token)
         items = await http.result(self.retrieval.list.remote(tenant, tag or None, user))
@@ -262,7 +256,7 @@ class Ingress:
     @api.post("/v1/admin/tenants", response_model=TenantOut, status_code=201, tags=["admin"])
     async def create_tenant(self, body: TenantCreate, response: Response, token: Optional[str] = Depends(bearer)):
         """Create a tenant (201), or update an existing tenant's quota overrides (200)."""
-        await self._admin(token)
+        self.auth.require_admin(token)
         record, created = await asyncio.to_thread(self.auth.create_tenant, body.tenant, body.quotas.model_dump())
         response.status_code = 201 if created else 200
         return TenantOut(**record)
@@ -270,20 +264,20 @@ class Ingress:
     @api.post("/v1/admin/tenants/{tenant}/keys", response_model=KeyOut, status_code=201, tags=["admin"])
     async def create_key(self, tenant: str, body: Optional[KeyCreate] = None, token: Optional[str] = Depends(bearer)):
         """A new API key for the tenant; the secret is in this response only."""
-        await self._admin(token)
+        self.auth.require_admin(token)
         return KeyOut(**await asyncio.to_thread(self.auth.create_key, _slug(tenant, "tenant"),
                                                 body.name if body else None))
 
     @api.delete("/v1/admin/tenants/{tenant}/keys/{key_id}", status_code=204, tags=["admin"])
     async def revoke_key(self, tenant: str, key_id: str, token: Optional[str] = Depends(bearer)):
-        await self._admin(token)
+        self.auth.require_admin(token)
         await asyncio.to_thread(self.auth.revoke_key, _slug(tenant, "tenant"), key_id)
         return Response(status_code=204)
 
     @api.get("/v1/admin/stats", tags=["admin"])
     async def stats(self, token: Optional[str] = Depends(bearer)):
         """Observed generate batch sizes (of the generator replica that answers)."""
-        await self._admin(token)
+        self.auth.require_admin(token)
         return await self.generator.stats.remote()
 
 

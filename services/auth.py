@@ -60,6 +60,13 @@ class Auth:
             raise AuthError("missing or invalid API key" if token else "missing API key: send Authorization: Bearer <key>")
         return record["tenant"]
 
+    def authenticate(self, token: str | None) -> tuple[str, Quotas]:
+        """(tenant, quotas) for a request, charged to the tenant's rate limit."""
+        tenant = self.tenant_for(token)
+        quotas = self.quotas(tenant)
+        self.check_rate(tenant, quotas)
+        return tenant, quotas
+
     def require_admin(self, token: str | None) -> None:
         if not self.admin_sha256:
             raise AuthError("administration is disabled: no admin key is configured")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import signal
 import time
 from typing import Optional
 
@@ -39,6 +40,7 @@ def serve(
     args = AppArgs(model=model, store=store, max_batch_size=max_batch_size, batch_wait_timeout_s=batch_wait_ms / 1000,
                    torch_threads=threads)
     ray.init(address=address, num_cpus=num_cpus if address is None else None, log_to_driver=False)
+    signal.signal(signal.SIGTERM, _interrupt)  # `kill`/container stop: shut down as Ctrl-C does
     try:
         rserve.start(http_options={"host": host, "port": port})
         with err.status("starting the replicas (loading the model)...", spinner="dots"):
@@ -51,3 +53,7 @@ def serve(
     finally:
         rserve.shutdown()
         ray.shutdown()
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
