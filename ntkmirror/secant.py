@@ -65,7 +65,8 @@ def secant_check(model, tokenizer, controller: Controller, examples: Sequence[Ex
             rows.append({"fraction": t, "displacement_norm": D.norm().item(), "tangent_norm": t * T0.norm().item(),
                          "secant_error": _rel(D - t * T0, D), "cosine": _cos(D, T0)})
         D1 = obs(s_c) - F0
-    return {"gates": basis.size, "s_norm": s_c.norm().item(), "s_max_abs": s_c.abs().max().item() if basis.size else 0.0,
+    s_max = s_c.abs().max().item() if basis.size else 0.0
+    return {"gates": basis.size, "s_norm": s_c.norm().item(), "s_max_abs": s_max,
             "projection": cfg.projection, "observable_dim": F0.numel(), "calibration_tokens": obs.tokens,
             "jvp_mode": cfg.jvp_mode, "fractions": rows,
             "tangent_drift": _rel(T1 - T0, T0), "tangent_drift_cosine": _cos(T1, T0),
