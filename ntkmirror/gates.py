@@ -66,42 +66,21 @@ def _gated(h: torch.Tensor, s: torch.Tensor, g: torch.Tensor | None = None) -> t
     return (h.to(torch.promote_types(h.dtype, torch.float32)) * g).to(h.dtype)
 
 
-def _scale(h: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-    """(h.float() * g).to(h.dtype) in one pass. `torch.mul(..., out=)` with a low-precision
-    output computes in float32 and rounds once (bit-identical), but its mixed-dtype broadcast
-    kernel is slow on large CUDA tensors; there a compiled kernel (same rounding) does it."""
-    if h.is_cuda and h.numel() >= FUSED_MIN_NUMEL and _compiled_scale() is not None:
-        return _COMPILED[0](h, g)
-    return torch.mul(h, g, out=torch.empty_like(h))
-
-
-FUSED_MIN_NUMEL = 2**22  # below this, a compiled call's Python overhead outweighs its speed
-_COMPILED: list = []
-
-
-def _compiled_scale():
-    if not _COMPILED:
-        try:
-            _COMPILED.append(torch.compile(lambda h, g: (h.float() * g).to(h.dtype), dynamic=True))
-        except Exception:  # no compiler available: the eager kernel is still exact
-            _COMPILED.append(None)
-    return _COMPILED[0]
-
-
 class _LowPrecisionGate(torch.autograd.Function):
-    """`(h.float() * g).to(h.dtype)` for bf16/fp16 h, fused: bit-identical to the float32
-    expression, without materialising a float32 copy of h (nor saving one for backward)."""
+    """`(h.float() * g).to(h.dtype)` for bf16/fp16 h in one pass: `torch.mul(..., out=)` with a
+    low-precision output computes in float32 and rounds once, so the result is bit-identical,
+    without materialising a float32 copy of h (nor saving one for backward)."""
 
     @staticmethod
     def forward(ctx, h, g):
         ctx.save_for_backward(h, g)
-        return _scale(h, g)
+        return torch.mul(h, g, out=torch.empty_like(h))
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
         h, g = ctx.saved_tensors
-        grad_h = _scale(grad, g) if ctx.needs_input_grad[0] else None
+        grad_h = torch.mul(grad, g, out=torch.empty_like(grad)) if ctx.needs_input_grad[0] else None
         grad_g = (grad.float() * h).sum_to_size(g.shape) if ctx.needs_input_grad[1] else None
         return grad_h, grad_g
 
