@@ -255,12 +255,14 @@ def env_section(settings):
 def fit_section(name, cfg, model, settings):
     """One step on the same 8 x 256 batch: controller (all layers; top quarter) vs LoRA vs IA3."""
     dev = settings.device
-    batch, row_ctrl = _pack([synthetic_rows(settings.rows, settings, cfg["vocab_size"], 1)], [list(range(settings.rows))], 0)
+    rows = synthetic_rows(settings.rows, settings, cfg["vocab_size"], 1)
+    batch, row_ctrl = _pack([rows], [list(range(settings.rows))], 0)
     batch, row_ctrl = batch.to(dev), row_ctrl.to(dev)
     weights = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**30
     out = {}
     L = cfg["num_hidden_layers"]
-    for arm, lo in (("controller 5000 gates, all layers", 0), ("controller 5000 gates, top 1/4 layers", L - max(1, L // 4))):
+    arms = (("controller 5000 gates, all layers", 0), ("controller 5000 gates, top 1/4 layers", L - max(1, L // 4)))
+    for arm, lo in arms:
         peak_reset(dev)
         pg = random_packed(1, model, settings, settings.gates, layer_lo=lo)
         opt = torch.optim.AdamW([pg.raw], lr=5e-3, weight_decay=0.0)
