@@ -40,7 +40,7 @@ STATUS: list[tuple[type, int, str]] = [
     (asyncio.TimeoutError, 504, "timeout"),
 ]
 
-_PATH = re.compile(r"(?<![\w.:/])(?:~|\.{1,2})?(?:/[\w.@+~-]+){2,}/?")
+_PATH = re.compile(r"(?<![\w.:/])(?!/v\d+/)(?:~|\.{1,2})?(?:/[\w.@+~-]+){2,}/?")  # not API routes (/v1/...)
 _CONTROL = re.compile(r"\x1b\[[0-9;]*[A-Za-z]|[\x00-\x1f\x7f]")  # terminal colour codes and control characters
 
 

@@ -114,3 +114,11 @@ def redis_url(redis_server):
     client.flushall()
     client.close()
     return redis_server
+
+
+# ---------------------------------------------------------------- markers (reliability suite)
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "schemathesis: schema-driven HTTP fuzzing (bounded; "
+                                       "NTKMIRROR_SCHEMATHESIS_EXAMPLES examples per operation and mode)")
