@@ -150,8 +150,18 @@ class Replica:
             raise ConfigError(f"{len(prompts)} prompts but {len(rows)} gate rows")
         parsed = [[(self.controller(b, allow_model_mismatch), float(w)) for b, w in row] for row in rows]
         gates = row_gates(parsed, self.n_layers, self.hidden, max_log_gate, self.device) if any(parsed) else None
+        if temperature == 0 and str(self.device).startswith("cuda"):  # static KV cache, CUDA-graph decode
+            return self._engine().generate(list(prompts), gates, max_new_tokens=max_new_tokens)
         return generate(self.model, self.tok, list(prompts), gates, max_new_tokens=max_new_tokens,
                         batch_size=batch_size, temperature=temperature)
+
+    def _engine(self):
+        """The GPU generator, built on first use (its graphs are captured then, once)."""
+        if getattr(self, "_generation_engine", None) is None:
+            from ntkmirror.engine import GenerationEngine
+
+            self._generation_engine = GenerationEngine(self.model, self.tok)
+        return self._generation_engine
 
     def diagnose(self, controllers: Sequence[bytes | None], support: Sequence[dict],
                  calibration: Sequence[dict] | None = None, config: dict | None = None,
