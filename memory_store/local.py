@@ -98,10 +98,11 @@ class LocalStore(IndexedStore):
 
     def _journal(self, tenant: str, entries: list[dict], sync: bool) -> None:
         path = self._tdir(tenant) / JOURNAL
-        with open(path, "a+b") as f:
-            f.seek(0, os.SEEK_END)
-            torn = f.tell() > 0 and (f.seek(-1, os.SEEK_END) or f.read(1) != b"\n")
-            # a writer that died mid-line left a torn line: end it, so ours stays whole
+        with open(path, "a+b") as f:  # appends go to the end whatever the read position
+            torn = False
+            if f.seek(0, os.SEEK_END) > 0:
+                f.seek(-1, os.SEEK_END)
+                torn = f.read(1) != b"\n"  # a writer died mid-line: end its line, so ours stays whole
             f.write((b"\n" if torn else b"") +
                     b"".join(json.dumps(e, separators=(",", ":")).encode() + b"\n" for e in entries))
             if sync:

@@ -356,6 +356,10 @@ def test_local_crash_between_steps_keeps_the_previous_version(tmp_path):
     assert [h.item.version for h in s2.search("default", "birdwatching at sunrise")] == [1]
     assert sorted(p["kind"] for p in s2.audit()["problems"]) == ["orphan_blob", "stale_tmp"]
     assert s2.put("default", "a", new, "Bird watching, second version.").version == 2
+    s2.put("default", "b", ctrl(3), "Another memory.")
+    lines = (s._tdir("default") / "journal.jsonl").read_bytes().split(b"\n")
+    assert lines[-1] == b"" and b"" not in lines[:-1]  # the torn line was closed, no blank lines
+    assert [json.loads(x)["id"] for x in lines[:-1] if not x.endswith(b'"ver')] == ["a", "a", "a", "b"]
 
 
 def test_local_index_snapshot_and_approximate_index(tmp_path):
