@@ -41,13 +41,14 @@ def register(app) -> None:
         cg_iters=typer.Option(16, "--cg-iters"),
         cg_tol=typer.Option(1e-5, "--cg-tol"),
         param_filter=typer.Option(None, "--param-filter", help="regex: parameters that take the SGD step"),
+        probes=typer.Option(2, "--probes", help="random probes for adjoint_error and symmetry_error"),
         dtype=typer.Option("float32", "--dtype", help="weights dtype (the step needs float32 or float64)"),
     )
 
-    def config(cls, projection, top_k, eta, jvp_mode, metric, ridge, cg_iters, cg_tol, param_filter, gates,
+    def config(cls, projection, top_k, eta, jvp_mode, metric, ridge, cg_iters, cg_tol, param_filter, probes, gates,
                layers, max_log_gate, score, score_batches, batch_size, max_length, seed, no_eos, **extra):
         return cls(projection=projection, top_k=top_k, target_step_size=eta, jvp_mode=jvp_mode, metric=metric,
-                   ridge=ridge, cg_iters=cg_iters, cg_tol=cg_tol, param_filter=param_filter, gates=gates,
+                   ridge=ridge, cg_iters=cg_iters, cg_tol=cg_tol, param_filter=param_filter, probes=probes, gates=gates,
                    layers=layers, max_log_gate=max_log_gate, score=score, score_batches=score_batches,
                    batch_size=batch_size, max_length=max_length, seed=seed, add_eos=not no_eos, **extra).validate()
 
@@ -63,7 +64,7 @@ def register(app) -> None:
         projection: str = opt["projection"], top_k: int = opt["top_k"], eta: float = opt["eta"],
         jvp_mode: str = opt["jvp_mode"], metric: str = opt["metric"], ridge: float = opt["ridge"],
         cg_iters: int = opt["cg_iters"], cg_tol: float = opt["cg_tol"],
-        param_filter: Optional[str] = opt["param_filter"],
+        param_filter: Optional[str] = opt["param_filter"], probes: int = opt["probes"],
         gates: int = FIT_OPTIONS["gates"], layers: str = FIT_OPTIONS["layers"],
         max_log_gate: float = FIT_OPTIONS["max_log_gate"], score: str = FIT_OPTIONS["score"],
         score_batches: int = FIT_OPTIONS["score_batches"], batch_size: int = FIT_OPTIONS["batch_size"],
@@ -76,7 +77,7 @@ def register(app) -> None:
         from .dual import DualConfig, dual_diagnose
 
         cfg = config(DualConfig, projection, top_k, eta, jvp_mode, metric, ridge, cg_iters, cg_tol, param_filter,
-                     gates, layers, max_log_gate, score, score_batches, batch_size, max_length, seed, no_eos)
+                     probes, gates, layers, max_log_gate, score, score_batches, batch_size, max_length, seed, no_eos)
         m, tok = load(model, device, dtype, quiet=as_json)
         c = load_controller(controller, m, allow_model_mismatch) if controller else None
         sup = load_jsonl_examples(support, tok)
@@ -98,7 +99,7 @@ def register(app) -> None:
         projection: str = opt["projection"], top_k: int = opt["top_k"], eta: float = opt["eta"],
         jvp_mode: str = opt["jvp_mode"], metric: str = opt["metric"], ridge: float = opt["ridge"],
         cg_iters: int = opt["cg_iters"], cg_tol: float = opt["cg_tol"],
-        param_filter: Optional[str] = opt["param_filter"],
+        param_filter: Optional[str] = opt["param_filter"], probes: int = opt["probes"],
         gates: int = FIT_OPTIONS["gates"], layers: str = FIT_OPTIONS["layers"],
         max_log_gate: float = FIT_OPTIONS["max_log_gate"], score: str = FIT_OPTIONS["score"],
         score_batches: int = FIT_OPTIONS["score_batches"], batch_size: int = FIT_OPTIONS["batch_size"],
@@ -113,7 +114,7 @@ def register(app) -> None:
         if steps < 0:
             raise ConfigError(f"--steps must be >= 0, got {steps}")
         cfg = config(FitDualConfig, projection, top_k, eta, jvp_mode, metric, ridge, cg_iters, cg_tol, param_filter,
-                     gates, layers, max_log_gate, score, score_batches, batch_size, max_length, seed, no_eos,
+                     probes, gates, layers, max_log_gate, score, score_batches, batch_size, max_length, seed, no_eos,
                      steps=steps)
         m, tok = load(model, device, dtype, quiet=as_json)
         tr = load_jsonl_examples(train, tok)

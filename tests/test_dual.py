@@ -190,7 +190,7 @@ def test_diagnose_many_reports_each_controller_and_keeps_going(tok):
 
 def test_cli_dual_diagnose_fit_dual_secant(tiny_model_dir, train_file, eval_file, tmp_path):
     common = ["--model", str(tiny_model_dir), "--batch-size", "2", "--max-length", "64"]
-    small = ["--gates", "12", "--score-batches", "1", "--cg-iters", "3", "--json"]
+    small = ["--gates", "12", "--score-batches", "1", "--cg-iters", "3", "--probes", "1", "--json"]
     report = tmp_path / "report.json"
     assert main(["dual-diagnose", *common, *small, "--support", str(train_file), "--calibration", str(eval_file),
                  "--projection", "topk", "--top-k", "4", "--out", str(report)]) == 0
