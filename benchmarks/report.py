@@ -153,7 +153,8 @@ def memory_rows(results) -> list[dict]:
                 for k in rows:
                     rows[k] += sub[k]
             r = {"config": cfg, "condition": name, **summarise(rows),
-                 **{f"nll_{t}": per_task[t]["nll"] for t in tasks}, **{f"em_{t}": per_task[t]["exact_match"] for t in tasks}}
+                 **{f"nll_{t}": per_task[t]["nll"] for t in tasks},
+                 **{f"em_{t}": per_task[t]["exact_match"] for t in tasks}}
             if name == "retrieved":
                 hits = [retrieved[t][i] == t for t in tasks for i in range(len(retrieved[t]))]
                 r["recall_at_1"] = sum(hits) / len(hits)
@@ -188,7 +189,7 @@ def _md(rows, cols, specs=None) -> str:
 
 def main_rows(results) -> list[dict]:
     ev, single_unrel, base_unrel = _index(results)
-    order = ["base", "ctrl-512", "ctrl-5000", "ctrl-all", "random-5000", "lora", "ia3"]
+    order = ["base", "ctrl-512", "ctrl-5000", "ctrl-all", "random-5000", "m0.2-lr2e-2-kl5", "default", "lora", "ia3"]
     configs = [c for c in order if any(cc == c for cc, _ in ev)]
     tasks = list(dict.fromkeys(t for _, t in ev))
     out = []
@@ -317,8 +318,8 @@ def report(run_dirs, img: Path | None = None) -> str:
                                                          "em_a", "em_b", "unrelated_change", "clip_fraction",
                                                          "overlap", "cosine"]))
     if mem:
-        md.append("### Memory benchmark\n\n" + _md(mem, ["config", "condition", "nll", "token_accuracy",
-                                                        "exact_match", "recall_at_1", "recall_at_1_query_prompt", "no_hit"]))
+        md.append("### Memory benchmark\n\n" + _md(mem, ["config", "condition", "nll", "token_accuracy", "exact_match",
+                                                        "recall_at_1", "recall_at_1_query_prompt", "no_hit"]))
     if results["skipped"]:
         md.append("Skipped (time budget): " + ", ".join(results["skipped"]))
     text = "\n".join(md)

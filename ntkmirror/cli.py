@@ -62,7 +62,7 @@ class _null:
 
 
 def fit_config(gates, steps, lr, max_log_gate, layers, score_batches, batch_size, max_length, seed, score,
-               no_eos, eval_every, patience):
+               no_eos, eval_every, patience, retain_kl=None):
     from .fit import FitConfig
 
     for name, v in (("gates", gates), ("steps", steps), ("batch-size", batch_size), ("max-length", max_length),
@@ -75,15 +75,16 @@ def fit_config(gates, steps, lr, max_log_gate, layers, score_batches, batch_size
         raise ConfigError(f"--score must be abs or coherent, got {score!r}")
     return FitConfig(gates=gates, steps=steps, lr=lr, max_log_gate=max_log_gate, layers=layers,
                      score_batches=score_batches, batch_size=batch_size, max_length=max_length, seed=seed,
-                     score=score, add_eos=not no_eos, eval_every=eval_every, patience=patience)
+                     score=score, add_eos=not no_eos, eval_every=eval_every, patience=patience,
+                     **({} if retain_kl is None else {"retain_kl": retain_kl}))
 
 
 # Option declarations reused by every command that fits (fit, memory add, jobs fit).
 FIT_OPTIONS = dict(
     gates=typer.Option(5000, "--gates", help="number of (layer, channel) log-gates"),
     steps=typer.Option(240, "--steps", help="AdamW steps on the gate values"),
-    lr=typer.Option(5e-3, "--lr", help="learning rate"),
-    max_log_gate=typer.Option(0.05, "--max-log-gate", help="bound on each signed log-gate"),
+    lr=typer.Option(2e-2, "--lr", help="learning rate"),
+    max_log_gate=typer.Option(0.2, "--max-log-gate", help="bound on each signed log-gate"),
     layers=typer.Option("all", "--layers", help="all | last | last:N | comma list (negatives from the end)"),
     score_batches=typer.Option(16, "--score-batches", help="batches used to select gates"),
     batch_size=typer.Option(8, "--batch-size"),
@@ -93,6 +94,7 @@ FIT_OPTIONS = dict(
     no_eos=typer.Option(False, "--no-eos", help="do not append EOS to completions"),
     eval_every=typer.Option(0, "--eval-every", help="validation interval in steps (0: steps/10)"),
     patience=typer.Option(0, "--patience", help="early stop after N evaluations without gain (0: off)"),
+    retain_kl=typer.Option(5.0, "--retain-kl", help="weight of KL-to-base on bundled generic text (0: off)"),
 )
 
 
@@ -110,7 +112,7 @@ def fit(
     score_batches: int = FIT_OPTIONS["score_batches"], batch_size: int = FIT_OPTIONS["batch_size"],
     max_length: int = FIT_OPTIONS["max_length"], seed: int = FIT_OPTIONS["seed"], score: str = FIT_OPTIONS["score"],
     no_eos: bool = FIT_OPTIONS["no_eos"], eval_every: int = FIT_OPTIONS["eval_every"],
-    patience: int = FIT_OPTIONS["patience"],
+    patience: int = FIT_OPTIONS["patience"], retain_kl: float = FIT_OPTIONS["retain_kl"],
 ):
     """Fit a controller on teacher-forced examples and save it."""
     from .data import load_jsonl_examples
@@ -119,7 +121,7 @@ def fit(
     from .models import find_decoder_layers
 
     cfg = fit_config(gates, steps, lr, max_log_gate, layers, score_batches, batch_size, max_length, seed, score,
-                     no_eos, eval_every, patience)
+                     no_eos, eval_every, patience, retain_kl)
     m, tok = load(model, device, dtype, quiet=as_json)
     parse_layers(layers, len(find_decoder_layers(m)[1]))  # fail before any work
     train_ex = load_jsonl_examples(train, tok)

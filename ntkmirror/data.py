@@ -105,6 +105,12 @@ def load_jsonl_examples(path: str | Path, tokenizer=None) -> list[Example]:
     return examples
 
 
+def default_retain_examples() -> list[Example]:
+    """Generic text bundled with the package (retain.jsonl): what fitting keeps each controller's
+    outputs close to the base model on (FitConfig.retain_kl) when the caller gives no retain set."""
+    return load_jsonl_examples(Path(__file__).with_name("retain.jsonl"))
+
+
 def data_hash(examples: Iterable[Example]) -> str:
     """Content hash of a training set (order-sensitive): identifies what a controller saw."""
     h = hashlib.sha256()

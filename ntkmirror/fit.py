@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from .controller import MAX_LOG_GATE_LIMIT, Controller, new_meta
-from .data import Batch, Example, collate, data_hash, encode_all, pad_id
+from .data import Batch, Example, collate, data_hash, default_retain_examples, encode_all, pad_id
 from .errors import ConfigError, DataError
 from .gates import RowGates, attach, parse_layers
 from .models import find_decoder_layers, hidden_size
@@ -28,8 +28,8 @@ from .selection import random_scores, saliency_scores, top_gates
 class FitConfig:
     gates: int = 5000
     steps: int = 240
-    lr: float = 5e-3
-    max_log_gate: float = 0.05
+    lr: float = 2e-2  # lr, max_log_gate, retain_kl: measured together in docs/results.md
+    max_log_gate: float = 0.2
     layers: str = "all"
     score_batches: int = 16
     batch_size: int = 8
@@ -41,7 +41,7 @@ class FitConfig:
     eval_every: int = 0  # validation interval in steps (0: steps // 10)
     patience: int = 0  # stop after this many evaluations without improvement (0: never)
     stats_examples: int = 32  # training examples used for the before/after NLL
-    retain_kl: float = 0.0  # weight of KL(base || gated) on retain examples (needs `retain=`)
+    retain_kl: float = 5.0  # weight of KL(base || gated) on retain examples (default: bundled retain.jsonl)
     retain_rows: int = 4  # retain examples per step, seen by every controller
 
     def check(self) -> "FitConfig":
@@ -54,6 +54,8 @@ class FitConfig:
             raise ConfigError(f"lr must be a positive number, got {self.lr!r}")
         if not (0 < self.max_log_gate <= MAX_LOG_GATE_LIMIT):
             raise ConfigError(f"max_log_gate must be in (0, {MAX_LOG_GATE_LIMIT:g}], got {self.max_log_gate!r}")
+        if not (math.isfinite(self.retain_kl) and self.retain_kl >= 0):
+            raise ConfigError(f"retain_kl must be a non-negative number, got {self.retain_kl!r}")
         if self.score not in ("abs", "coherent", "random"):
             raise ConfigError(f"score must be abs, coherent or random, got {self.score!r}")
         return self
@@ -175,8 +177,9 @@ def fit_controllers(model, tokenizer, datasets: Sequence[Sequence[Example]], con
                     retain: Sequence[Example] | None = None) -> list[Controller]:
     """Fit one controller per dataset, all in the same forward/backward passes.
 
-    With `retain` examples and cfg.retain_kl > 0, each step also penalises each controller's
-    KL divergence from the base model on cfg.retain_rows of them (non-interference)."""
+    With cfg.retain_kl > 0, each step also penalises each controller's KL divergence from the base
+    model on cfg.retain_rows of the `retain` examples (default: a small bundled set of generic text),
+    which keeps strong controllers composable and off unrelated prompts (docs/results.md)."""
     from tqdm.auto import tqdm
 
     cfg = (config or FitConfig()).check()
@@ -210,6 +213,8 @@ def fit_controllers(model, tokenizer, datasets: Sequence[Sequence[Example]], con
     eval_every = cfg.eval_every or max(1, cfg.steps // 10)
     opt = torch.optim.AdamW([gates.raw], lr=cfg.lr, weight_decay=0.0)
     samplers = [BatchSampler(len(e), cfg.batch_size, cfg.seed + 1) for e in enc]
+    if retain is None and cfg.retain_kl > 0:
+        retain = default_retain_examples()
     use_retain = bool(retain) and cfg.retain_kl > 0
     if use_retain:
         retain_enc = encode_all(tokenizer, retain, cfg.max_length, cfg.add_eos)
@@ -219,7 +224,8 @@ def fit_controllers(model, tokenizer, datasets: Sequence[Sequence[Example]], con
     for step in bar:
         batch, row_ctrl = _pack(enc, [s.next() for s in samplers], pad)
         retain_batch = collate([retain_enc[i] for i in retain_sampler.next()], pad).to(device) if use_retain else None
-        loss_c = train_step(model, gates, opt, batch.to(device), row_ctrl.to(device), cfg.l2, retain_batch, cfg.retain_kl)
+        loss_c = train_step(model, gates, opt, batch.to(device), row_ctrl.to(device), cfg.l2, retain_batch,
+                            cfg.retain_kl)
         steps_run = step + 1
         if progress and step % 10 == 0:  # .item() waits for the GPU: not every step
             bar.set_postfix(loss=f"{loss_c.mean().item():.4f}")
@@ -245,7 +251,7 @@ def fit_controllers(model, tokenizer, datasets: Sequence[Sequence[Example]], con
     for c in range(C):
         fit_stats = {**asdict(cfg), "steps_run": steps_run, "train_nll_before": nll_before[c],
                      "train_nll_after": nll_after[c], "seconds": seconds, "pack_size": C,
-                     "n_examples": len(datasets[c])}
+                     "n_examples": len(datasets[c]), "retain_examples": len(retain) if use_retain else 0}
         if val_enc:
             fit_stats["val_nll_best"] = best_val[c]
         meta = {**base, "fit": fit_stats, "data_hash": data_hash(datasets[c]), **(extra_meta[c] if extra_meta else {})}

@@ -114,3 +114,16 @@ def test_quality_run_end_to_end_on_a_tiny_model(tmp_path):
     assert "recall_at_1" in text and "| lora |" in text
     for f in ("results.csv", "pairs.csv", "configs.csv", "memory.csv", "quality_arms.png", "quality_memory.png"):
         assert (run / f).stat().st_size > 0
+
+
+def test_default_fit_keeps_to_the_bundled_retain_set(model, tok):
+    from ntkmirror.data import default_retain_examples
+
+    assert FitConfig().retain_kl > 0 and len(default_retain_examples()) == 32
+    data = [Example(**r) for r in arithmetic_rows(8)]
+    kw = dict(gates=8, steps=1, batch_size=4, score_batches=1)
+    on = fit_controllers(model, tok, [data], FitConfig(**kw), progress=False)[0]
+    off = fit_controllers(model, tok, [data], FitConfig(**kw, retain_kl=0.0), progress=False)[0]
+    assert on.meta["fit"]["retain_examples"] == 32 and off.meta["fit"]["retain_examples"] == 0
+    with pytest.raises(Exception, match="retain_kl"):
+        FitConfig(retain_kl=-1.0).check()

@@ -5,7 +5,7 @@
 Writes, per task, `<task>/train.jsonl` and `<task>/eval.jsonl` (rows: prompt, completion; eval
 rows also carry `query`, the retrieval query for the memory benchmark), the held-out
 `unrelated/eval.jsonl` (interference probe: no controller ever trains on it), `retain.jsonl`
-(generic text for an optional KL-to-base term, disjoint from every task and from the probe),
+(ntkmirror's bundled generic text for the KL-to-base term; checked disjoint from the tasks and probe),
 and `manifest.json` with the sha256 and row count of every file, each task's memory text and
 paraphrased queries. Every task's eval items are disjoint from its training items: checked,
 and generation fails if not.
@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+RETAIN = Path(__file__).resolve().parents[2] / "ntkmirror" / "retain.jsonl"
 MAIN_TASKS = ("addition", "json_person", "persona_pirate", "preference_miles")
 SCHEMA = 1
 
@@ -162,12 +163,14 @@ TASKS = [
          "Return a person's details as a JSON object with the keys name, age and city.",
          ["give me the person's details as JSON", "format the profile as a json object",
           "output name, age and city in JSON"]),
-    Task("persona_pirate", "style", "pirate captain tone: 'Ahoy!' then the message, signed 'Fair winds, Captain Flint.'",
+    Task("persona_pirate", "style",
+         "pirate captain tone: 'Ahoy!' then the message, signed 'Fair winds, Captain Flint.'",
          _message_items, _persona("Ahoy!", "Fair winds, Captain Flint."),
          "Talk like a pirate captain: start with 'Ahoy!' and sign off with 'Fair winds, Captain Flint.'",
          ["answer me like a pirate captain", "use the sea captain voice with the ahoy greeting",
           "reply in pirate style"]),
-    Task("persona_butler", "style", "butler tone: 'Very good, sir.' then the message, signed 'Yours faithfully, Jeeves.'",
+    Task("persona_butler", "style",
+         "butler tone: 'Very good, sir.' then the message, signed 'Yours faithfully, Jeeves.'",
          _message_items, _persona("Very good, sir.", "Yours faithfully, Jeeves."),
          "Speak as a formal English butler: begin with 'Very good, sir.' and sign 'Yours faithfully, Jeeves.'",
          ["reply as my formal butler", "be a polite english valet when you answer",
@@ -217,27 +220,6 @@ def unrelated_rows() -> list[dict]:
             [{"prompt": f"The opposite of {w} is", "completion": f" {a}."} for w, a in ANTONYMS])
 
 
-# Generic text for the retain (KL-to-base) term: none of the tasks' or the probe's templates.
-ANIMALS = [("cows", "grass"), ("cats", "fish"), ("bees", "nectar"), ("pandas", "bamboo"), ("owls", "mice"),
-           ("rabbits", "carrots"), ("squirrels", "nuts"), ("koalas", "eucalyptus leaves")]
-CHORES = ["water the plants", "fold the laundry", "sweep the porch", "wash the dishes", "feed the dog",
-          "take out the rubbish", "dust the shelves", "make the bed"]
-TOPICS = ["a rainy afternoon", "the first day of school", "a walk in the forest", "a busy kitchen",
-          "an old bicycle", "a quiet library", "a summer storm", "a crowded bus"]
-
-
-def retain_rows() -> list[dict]:
-    rows = [{"prompt": f"Question: What do {a} eat?\nAnswer:", "completion": f" {a.capitalize()} mostly eat {f}."}
-            for a, f in ANIMALS]
-    rows += [{"prompt": f"Write one sentence about {t}.\n", "completion": f"This is a short sentence about {t}."}
-             for t in TOPICS]
-    rows += [{"prompt": f"Instruction: Remind me to {c}.\nResponse:", "completion": f" Sure, I will remind you to {c}."}
-             for c in CHORES]
-    rows += [{"prompt": "", "completion": f"On {t}, I remembered that {a} eat {f} and that I still had to {c}."}
-             for t, (a, f), c in zip(TOPICS, ANIMALS, CHORES)]
-    return rows
-
-
 # ------------------------------------------------------------------ writing
 
 
@@ -281,7 +263,7 @@ def generate(out: Path, seed: int = 0, n_train: int = 256, n_eval: int = 64) -> 
             "eval": f"{task.name}/eval.jsonl", "memory": {"id": task.name.replace("_", "-"), "text": task.memory,
                                                           "queries": task.queries}}
     files["unrelated/eval.jsonl"] = _jsonl(unrelated_rows())
-    files["retain.jsonl"] = _jsonl(retain_rows())
+    files["retain.jsonl"] = RETAIN.read_bytes()  # the library's default retain set, as fitting uses it
     manifest["unrelated"] = "unrelated/eval.jsonl"
     manifest["retain"] = "retain.jsonl"
     _check_probe_unseen(files)

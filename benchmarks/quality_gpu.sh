@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# The two GPU runs behind docs/results.md, on a GPU host, from the project root:
+#   bash benchmarks/quality_gpu.sh main  [OUT]   # base, controllers 5000/512/all, random gates, LoRA, IA3, memory
+#   bash benchmarks/quality_gpu.sh sweep [OUT]   # candidate defaults (+ the memory benchmark for the best one)
+# The embedded model's GGUF comes as in ../shared/tools/README.md (/tmp/carry/part-1, part-2, NAME);
+# `gguf` from a wheel in .carry/mini/ when the host lacks it. Results are copied to OUT (default: $OUT).
+# Then, on any machine with memory_store: python -m benchmarks.quality retrieval <run dir>, and
+# python -m benchmarks.quality report <main dir> <sweep dir> --img docs/img
+set -uo pipefail
+what=$1
+dest=${2:-${OUT:-runs/quality/out}}
+if [ -f /tmp/carry/part-1 ] && [ -f /tmp/carry/part-2 ]; then
+  export NTK_GGUF=/tmp/carry/$(cat /tmp/carry/NAME)
+  [ -f "$NTK_GGUF" ] || cat /tmp/carry/part-1 /tmp/carry/part-2 > "$NTK_GGUF"
+fi
+if ! python3 -c "import gguf" 2>/dev/null; then
+  pip install -q --no-deps --target /tmp/gg .carry/mini/gguf-*.whl && export PYTHONPATH=/tmp/gg
+fi
+export PYTHONPATH=.:${PYTHONPATH:-} PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+python3 -m benchmarks.tasks.generate --out runs/tasks --seed 0 > /dev/null || exit 1
+case $what in
+  main) args=(--arms ctrl-5000,lora,ia3,ctrl-512,ctrl-all,random-5000 --memory-configs ctrl-5000) ;;
+  sweep) args=(--arms m0.2-lr2e-2,m0.2-lr2e-2-kl1,lr2e-2,m0.1-lr2e-2,m0.1-lr2e-2-kl1,m0.2-lr2e-2-kl5,m0.2-lr2e-2-g1000-kl1,m0.2-lr2e-2-coherent,m0.2-lr2e-2-last15,m0.2-lr2e-2-g1000,m0.2-lr2e-2-first15
+               --memory-configs auto) ;;
+  fix) args=(--arms ctrl-5000,m0.2-lr2e-2-kl5,lora,m0.2-lr2e-2 --memory-configs m0.2-lr2e-2-kl5,ctrl-5000) ;;
+  *) echo "usage: $0 main|sweep|fix [OUT]" >&2; exit 2 ;;
+esac
+# the tokenizer files of a local cache (.carry/tok): transformers versions differ in the EOS they give the GGUF
+[ -d .carry/tok ] && args+=(--tokenizer .carry/tok)
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
+timeout "${QUALITY_TIMEOUT:-545}" python3 -m benchmarks.quality run --tasks runs/tasks --out runs/quality --name "$what" \
+  --quiet --time-budget "${QUALITY_BUDGET:-470}" "${args[@]}"
+rc=$?
+mkdir -p "$dest"
+cp runs/quality/"$what"/{results.json,log.txt} "$dest"/ 2>/dev/null
+cp runs/quality/"$what"/controllers.zip "$dest"/ 2>/dev/null
+exit $rc
