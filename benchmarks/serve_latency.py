@@ -109,7 +109,8 @@ def main() -> None:
     ap.add_argument("--max-new-tokens", type=int, default=32)
     ap.add_argument("--max-batch-size", type=int, default=8)
     ap.add_argument("--batch-wait-ms", type=float, default=10)
-    ap.add_argument("--threads", type=int, default=2, help="torch threads in the generator replica")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch threads in the generator replica (on a busy host 2 threads ran 10-20x slower than 1)")
     ap.add_argument("--model", default=None, help="default: the embedded SmolLM2-135M-Instruct")
     ap.add_argument("--store", default=None, help="default: a fresh temporary local store")
     ap.add_argument("--out", default="runs/bench/serve_latency.json")

@@ -30,7 +30,19 @@ Slug = Annotated[str, StringConstraints(pattern=ID_PATTERN.pattern), AfterValida
 # An end user (OpenAI's `user`) is scoped by the tag `user:<name>`, so a name is what fits in a tag.
 UserName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,58}$")]
 Tag = Annotated[str, StringConstraints(pattern=TAG_PATTERN.pattern)]
-Text = Annotated[str, StringConstraints(min_length=1, max_length=100_000)]
+
+
+def _utf8(v: str) -> str:
+    """JSON may carry lone surrogates (\\ud800) that no tokenizer or store can encode."""
+    try:
+        v.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("must be valid Unicode (no lone surrogates)") from None
+    return v
+
+
+Utf8 = Annotated[str, AfterValidator(_utf8)]
+Text = Annotated[str, StringConstraints(min_length=1, max_length=100_000), AfterValidator(_utf8)]
 
 
 class Strict(BaseModel):
@@ -63,7 +75,7 @@ class FitParams(Strict):
 
 
 class ExampleIn(Strict):
-    prompt: str = Field("", max_length=100_000)
+    prompt: Utf8 = Field("", max_length=100_000)
     completion: Text
 
     @model_validator(mode="after")
@@ -212,13 +224,13 @@ class GenerateResponse(Out):
 
 class TextPart(Strict):
     type: Literal["text"]
-    text: str
+    text: Utf8
 
 
 class ChatMessage(Strict):
     role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[TextPart]
-    name: Optional[str] = Field(None, max_length=128)
+    content: Utf8 | list[TextPart]
+    name: Optional[Utf8] = Field(None, max_length=128)
 
     def text(self) -> str:
         return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)

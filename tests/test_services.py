@@ -460,3 +460,28 @@ def test_openapi_and_health(http):
                  "/v1/chat/completions", "/v1/models", "/healthz"):
         assert path in spec["paths"], path
     assert http.get("/healthz").json() == {"status": "ok"}
+
+
+def test_metrics_reach_prometheus(http):
+    """Request counts, latency and batch sizes are exported through Ray's Prometheus endpoint."""
+    import ray
+
+    port = ray.nodes()[0]["MetricsExportPort"]
+    want = {"ray_ntkmirror_http_requests_total", "ray_ntkmirror_http_latency_s_count", "ray_ntkmirror_batch_size_count"}
+    deadline = time.time() + 60
+    while True:  # replicas push metrics every few seconds
+        text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+        names = {line.split("{")[0] for line in text.splitlines() if line.startswith("ray_ntkmirror_")}
+        if want <= names or time.time() > deadline:
+            break
+        time.sleep(2)
+    assert want <= names, names
+    assert 'route="/v1/generate"' in text and 'status="200"' in text
+
+
+def test_cli_serve_is_registered(capsys):
+    from ntkmirror.cli import main
+
+    assert main(["serve", "--help"]) == 0
+    out = capsys.readouterr().out
+    assert "--store" in out and "--admin-key" in out and "--port" in out
