@@ -61,7 +61,26 @@ def _load_gguf(path: Path, dtype=None):
     tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
     model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype or torch.float32)
     _clear_quantizer(model)
+    _special_tokens_from_gguf(path, tokenizer, model)
     return model, tokenizer
+
+
+def _special_tokens_from_gguf(path: Path, tokenizer, model) -> None:
+    """Take EOS/BOS/pad from the GGUF's own metadata: some transformers versions map them
+    differently (5.17 gives SmolLM2 EOS <|im_start|>), and a controller fitted with another
+    EOS silently learns to stop on the wrong token."""
+    from gguf import GGUFReader
+
+    fields = GGUFReader(path).fields
+    for role in ("eos", "bos", "pad"):
+        f = fields.get(f"tokenizer.ggml.{'padding' if role == 'pad' else role}_token_id")
+        if f is None:
+            continue
+        token_id = int(f.parts[f.data[0]][0])
+        setattr(tokenizer, f"{role}_token", tokenizer.convert_ids_to_tokens(token_id))
+        setattr(model.config, f"{role}_token_id", token_id)
+        if model.generation_config is not None:
+            setattr(model.generation_config, f"{role}_token_id", token_id)
 
 
 def embedded_model_dir() -> Path:

@@ -42,5 +42,6 @@ def test_gguf_path_loads_the_same_model(embedded):
     model, _ = embedded
     direct, tok = load_model(str(embedded_gguf_path()))
     assert model_fingerprint(direct) == model_fingerprint(model)  # a controller moves between the two
+    assert tok.eos_token == "<|im_end|>" == embedded[1].eos_token  # from the GGUF's metadata
     ids = tok("Question: 1 + 2 = ?", return_tensors="pt").input_ids
     torch.testing.assert_close(direct(ids).logits, model(ids).logits)
