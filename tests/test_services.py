@@ -253,6 +253,8 @@ def test_memory_lifecycle(http, model_ref):
         assert r.status_code == 404, r.text
         assert_clean(r)
     assert [m["id"] for m in http.get("/v1/memories", headers=h).json()["data"]] == ["metric"]
+    assert http.delete("/v1/memories/metric", headers=h, params={"hard": "true"}).status_code == 204
+    assert http.get("/v1/memories", headers=h).json()["data"] == []
 
 
 def test_fit_job_runs_to_completion(http):
