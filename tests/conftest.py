@@ -122,3 +122,51 @@ def redis_url(redis_server):
 def pytest_configure(config):
     config.addinivalue_line("markers", "schemathesis: schema-driven HTTP fuzzing (bounded; "
                                        "NTKMIRROR_SCHEMATHESIS_EXAMPLES examples per operation and mode)")
+
+
+# ---------------------------------------------------------------- a Serve app for a test module
+
+
+def wait_healthy(base: str, timeout: float = 240) -> None:
+    import time
+
+    import httpx
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            if httpx.get(f"{base}/healthz", timeout=5).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise AssertionError(f"{base} did not become healthy in {timeout}s")
+
+
+def serve_app(store: str, model_dir, admin_key: str, **app_args):
+    """Context manager: the services app on a module-local Ray cluster (2 CPUs) and a free
+    loopback port; yields its base URL and shuts Serve and Ray down afterwards."""
+    from contextlib import contextmanager
+
+    @contextmanager
+    def run():
+        import ray
+        from ray import serve
+
+        from services.app import AppArgs, build_app
+
+        os.environ["NTKMIRROR_ADMIN_KEY"] = admin_key  # before ray.init: the replicas inherit it
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+        try:
+            port = _free_port()
+            serve.start(http_options={"host": "127.0.0.1", "port": port})
+            serve.run(build_app(AppArgs(model=str(model_dir), store=store, **app_args)), name="ntkmirror",
+                      route_prefix="/")
+            base = f"http://127.0.0.1:{port}"
+            wait_healthy(base)
+            yield base
+        finally:
+            serve.shutdown()
+            ray.shutdown()
+
+    return run()

@@ -24,7 +24,6 @@ import math
 import os
 import pickle
 import re
-import time
 from collections import Counter
 from pathlib import Path
 
@@ -37,6 +36,7 @@ from ntkmirror import Controller
 from ntkmirror.cli import main
 from ntkmirror.data import load_jsonl_examples
 from ntkmirror.errors import ConfigError, ControllerError, DataError, ModelMismatchError, NotFound
+from conftest import serve_app
 from test_controller import make_controller
 from tiny import tiny_model, tiny_tokenizer
 
@@ -374,52 +374,18 @@ MAX_BODY = 256 * 1024
 MAX_NEW = 16
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_healthy(base: str, timeout: float = 240) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        try:
-            if httpx.get(f"{base}/healthz", timeout=5).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    raise AssertionError(f"{base} did not become healthy in {timeout}s")
-
-
 @pytest.fixture(scope="module")
 def app(redis_server, tiny_model_dir):
     """The Serve app (tiny model, the session's Redis) on a module-local Ray cluster."""
-    import ray
     import redis
-    from ray import serve
 
-    from services.app import AppArgs, Quotas, build_app
+    from services.app import Quotas
 
-    os.environ["NTKMIRROR_ADMIN_KEY"] = ADMIN_KEY  # before ray.init: the replicas inherit it
     redis.Redis.from_url(redis_server).flushall()
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    port = _free_port()
-    try:
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
-        args = AppArgs(model=str(tiny_model_dir), served_model_name="tiny-model", store=redis_server,
-                       max_new_tokens=MAX_NEW, max_body_bytes=MAX_BODY,
-                       batch_wait_timeout_s=0.005, generate_timeout_s=60,
-                       quotas=Quotas(max_memories=100, max_gates=4096, requests_per_minute=100_000))
-        serve.run(build_app(args), name="ntkmirror", route_prefix="/")
-        base = f"http://127.0.0.1:{port}"
-        wait_healthy(base)
+    with serve_app(redis_server, tiny_model_dir, ADMIN_KEY, served_model_name="tiny-model", max_new_tokens=MAX_NEW,
+                   max_body_bytes=MAX_BODY, batch_wait_timeout_s=0.005, generate_timeout_s=60,
+                   quotas=Quotas(max_memories=100, max_gates=4096, requests_per_minute=100_000)) as base:
         yield {"base": base, "redis": redis_server}
-    finally:
-        serve.shutdown()
-        ray.shutdown()
 
 
 @pytest.fixture(scope="module")
