@@ -72,6 +72,7 @@ class FitParams(Strict):
     seed: int = Field(_FIT.seed, ge=0, le=2**31 - 1)
     score: Literal["abs", "coherent"] = _FIT.score
     add_eos: bool = _FIT.add_eos
+    retain_kl: float = Field(_FIT.retain_kl, ge=0, le=100, description="KL-to-base weight on the bundled retain set")
 
 
 class ExampleIn(Strict):
