@@ -141,10 +141,14 @@ class RedisStore(IndexedStore):
         with self._errors():
             return self.r.hget(self._item_key(tenant, id), f"b:{sha}")
 
+    def _ids(self, tenant):
+        with self._errors():
+            return sorted(x.decode() for x in self.r.smembers(self._k(tenant, "ids")))
+
     def _current(self, tenant, ids=None):
         with self._errors():
             if ids is None:
-                ids = sorted(x.decode() for x in self.r.smembers(self._k(tenant, "ids")))
+                ids = self._ids(tenant)
             out = {}
             for lo in range(0, len(ids), 10000):
                 chunk = ids[lo: lo + 10000]
@@ -209,7 +213,7 @@ class RedisStore(IndexedStore):
             problems.append({"tenant": tenant, "kind": kind, "id": id, "detail": detail})
 
         with self._errors():
-            ids = sorted(x.decode() for x in self.r.smembers(self._k(tenant, "ids")))
+            ids = self._ids(tenant)
             for id in ids:
                 h = self.r.hgetall(self._item_key(tenant, id))
                 if not h:

@@ -54,6 +54,11 @@ def decode_vec(s: str) -> np.ndarray:
     return np.frombuffer(base64.b64decode(s), np.float32)
 
 
+def _row(rec: dict) -> tuple:
+    """What the index keeps of a record."""
+    return rec["id"], rec["version"], rec["text"], rec["tags"], decode_vec(rec["embedding"]), decode_vec(rec["sketch"])
+
+
 def softmax_weights(scores: Sequence[float], temperature: float) -> list[float]:
     if not scores:
         return []
@@ -101,6 +106,10 @@ class IndexedStore(MemoryStore):
     @abstractmethod
     def _blob(self, tenant: str, id: str, sha: str) -> bytes | None:
         ...
+
+    @abstractmethod
+    def _ids(self, tenant: str) -> list[str]:
+        """Every id of the tenant (deleted ones included), sorted."""
 
     @abstractmethod
     def _current(self, tenant: str, ids: Sequence[str] | None = None) -> dict[str, dict]:
@@ -308,14 +317,20 @@ class IndexedStore(MemoryStore):
 
     def _refresh(self, tenant: str, st: IndexState) -> None:
         cursor, changed = self._changes(tenant, st.cursor)
-        if changed is None:  # first sight or a feed that cannot tell: rebuild from the records
-            st.index, changed = self._new_index(), self._current(tenant)
-        for id, rec in changed.items():
-            if rec is None or rec["deleted"]:
-                st.index.remove(id)
-        st.index.upsert_many([(r["id"], r["version"], r["text"], r["tags"], decode_vec(r["embedding"]),
-                               decode_vec(r["sketch"])) for r in changed.values() if r and not r["deleted"]])
-        st.cursor, st.unsaved = cursor, st.unsaved + len(changed)
+        if changed is None:  # first sight, or a feed that cannot tell: rebuild from the records,
+            st.index, rows = self._new_index(), []  # read in chunks (bounded memory), indexed at once
+            ids = self._ids(tenant)
+            for lo in range(0, len(ids), 5000):
+                rows += [_row(r) for r in self._current(tenant, ids[lo: lo + 5000]).values() if not r["deleted"]]
+            st.index.upsert_many(rows)
+            n = len(ids)
+        else:
+            for id, rec in changed.items():
+                if rec is None or rec["deleted"]:
+                    st.index.remove(id)
+            st.index.upsert_many([_row(r) for r in changed.values() if r and not r["deleted"]])
+            n = len(changed)
+        st.cursor, st.unsaved = cursor, st.unsaved + n
         if st.index.stale > max(1024, len(st.index)):  # superseded rows outnumber live ones
             st.index = st.index.compacted()
 
