@@ -7,6 +7,7 @@ shared by every row), so every row may carry its own controller or composition.
 
 from __future__ import annotations
 
+import math
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Sequence
@@ -36,15 +37,19 @@ def row_gates(rows: Sequence[Sequence[tuple[Controller, float]]], n_layers: int,
     bound (the same rule as `compose`). A row with no controllers is the identity.
     """
     B = len(rows)
+    for c in {id(c): c for row in rows for c, _ in row}.values():  # each distinct controller once
+        c.validate()  # NaN gates or out-of-range keys would otherwise poison the whole batch
+        if (c.n_layers, c.hidden_size) != (n_layers, hidden):
+            raise ControllerError(f"controller shape {c.n_layers}x{c.hidden_size} does not "
+                                  f"match the model's {n_layers}x{hidden}")
+    if not all(math.isfinite(float(w)) for row in rows for _, w in row):
+        raise ControllerError("composition weights must be finite")
     layers = sorted({int(l) for row in rows for c, _ in row for l in c.layer.unique().tolist()})
     pos = torch.full((n_layers,), -1, dtype=torch.long)
     pos[layers] = torch.arange(len(layers))
     flat = torch.zeros(B, len(layers) * hidden)
     for r, row in enumerate(rows):
         for c, w in row:
-            if (c.n_layers, c.hidden_size) != (n_layers, hidden):
-                raise ControllerError(f"controller shape {c.n_layers}x{c.hidden_size} does not "
-                                      f"match the model's {n_layers}x{hidden}")
             flat[r].index_add_(0, pos[c.layer] * hidden + c.channel, float(w) * c.log_gates())
         if row:
             m = max_log_gate if max_log_gate is not None else max(c.max_log_gate for c, _ in row)

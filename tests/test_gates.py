@@ -85,3 +85,19 @@ def test_parse_layers(spec, want):
 def test_parse_layers_rejects(spec):
     with pytest.raises(ConfigError, match="unknown --layers spec"):
         parse_layers(spec, 4)
+
+
+def test_row_gates_validate_in_memory_controllers(model):
+    from ntkmirror.errors import ControllerError
+
+    L, H = model.config.num_hidden_layers, model.config.hidden_size
+    bad = make_controller(model)
+    bad.raw[0] = float("nan")
+    with pytest.raises(ControllerError, match="NaN"):
+        row_gates([[(bad, 1.0)]], L, H)
+    wide = make_controller(model)
+    wide.layer[0] = L + 3
+    with pytest.raises(ControllerError, match="layer index out of range"):
+        row_gates([[(wide, 1.0)]], L, H)
+    with pytest.raises(ControllerError, match="weights must be finite"):
+        row_gates([[(make_controller(model), float("inf"))]], L, H)
