@@ -22,7 +22,6 @@ import shutil
 import time
 import uuid
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 from filelock import FileLock, Timeout
