@@ -54,22 +54,35 @@ def main() -> None:
     prompt = tok.decode(ids)
     train = [Example(prompt + f"\nQuestion: {a} + 17 = ?\nAnswer:", f" {a + 17}") for a in range(10, 74)]
 
-    # selection + fit with one step, then with N steps: the difference is N-1 steps
-    base_cfg = dict(gates=5000, batch_size=8, score_batches=2, max_length=args.seq_len, stats_examples=8)
-    t0 = time.perf_counter()
-    fit_controller(model, tok, train, FitConfig(steps=1, **base_cfg), progress=False)
-    one = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    c = fit_controller(model, tok, train, FitConfig(steps=args.steps + 1, **base_cfg), progress=False)
-    many = time.perf_counter() - t0
-    per_step = (many - one) / args.steps
+    # time the real optimiser step (ntkmirror.fit.train_step) on the selected 5000 gates
+    from ntkmirror.data import collate, default_retain_examples, encode_all, pad_id
+    from ntkmirror.fit import PackedGates, train_step
+
+    cfg = FitConfig(gates=5000, batch_size=8, score_batches=2, max_length=args.seq_len, steps=0, stats_examples=8)
+    c = fit_controller(model, tok, train, cfg, progress=False)  # selection only
+    enc = encode_all(tok, train[:8], args.seq_len)
+    batch, row_ctrl = collate(enc, pad_id(tok)), torch.zeros(8, dtype=torch.long)
+    retain = collate(encode_all(tok, default_retain_examples()[: cfg.retain_rows], args.seq_len), pad_id(tok))
+
+    def per_step(retain_kl: float) -> float:
+        gates = PackedGates([c.layer], [c.channel], c.hidden_size, cfg.max_log_gate, "cpu")
+        opt = torch.optim.AdamW([gates.raw], lr=cfg.lr, weight_decay=0.0)
+        train_step(model, gates, opt, batch, row_ctrl, cfg.l2, retain, retain_kl)  # warm-up
+        t0 = time.perf_counter()
+        for _ in range(args.steps):
+            train_step(model, gates, opt, batch, row_ctrl, cfg.l2, retain, retain_kl)
+        return (time.perf_counter() - t0) / args.steps
+
+    per_step_seed = per_step(0.0)  # the seed's objective
+    per_step_default = per_step(cfg.retain_kl)  # + KL on the retain rows (the default)
     with tempfile.TemporaryDirectory() as d:
         size_st = c.save(Path(d) / "c.safetensors").stat().st_size
         size_pt = c.save(Path(d) / "c.pt").stat().st_size
     peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB -> MiB on Linux
 
     res = {"cpu": platform.processor() or platform.machine(), "threads": args.threads, "torch": torch.__version__,
-           "load_first_s": first, "load_cached_s": cached, "fit_step_s": per_step, "batch": 8,
+           "load_first_s": first, "load_cached_s": cached, "fit_step_s": per_step_seed,
+           "fit_step_retain_kl_s": per_step_default, "batch": 8,
            "seq_len": args.seq_len, "gates": 5000, "peak_rss_mib": peak_rss,
            "controller_bytes_safetensors": size_st, "controller_bytes_pt": size_pt}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
@@ -78,6 +91,7 @@ def main() -> None:
     for k, label, fmt in [("load_first_s", "model load, first (s)", "{:.1f}"),
                           ("load_cached_s", "model load, cached (s)", "{:.1f}"),
                           ("fit_step_s", f"fit step, 5000 gates, 8x{args.seq_len} (s)", "{:.2f}"),
+                          ("fit_step_retain_kl_s", "  same + retain KL (default) (s)", "{:.2f}"),
                           ("peak_rss_mib", "peak RSS (MiB)", "{:.0f}"),
                           ("controller_bytes_safetensors", "controller file, safetensors (B)", "{}"),
                           ("controller_bytes_pt", "controller file, .pt (B)", "{}")]:
