@@ -274,7 +274,7 @@ def _plug_in_groups() -> None:
         try:
             obj = ep.load()
         except ImportError as e:  # optional extras not installed
-            app.command(ep.name, help=f"(unavailable: {e})")(lambda: _unavailable(ep.name, e))
+            app.command(ep.name, help=f"(unavailable: {e})")(_unavailable(ep.name, str(e)))
             continue
         if isinstance(obj, typer.Typer):
             app.add_typer(obj, name=ep.name)
@@ -282,8 +282,11 @@ def _plug_in_groups() -> None:
             app.command(ep.name)(obj)
 
 
-def _unavailable(name, e):
-    raise NtkMirrorError(f"'{name}' needs optional packages: {e}")
+def _unavailable(name: str, reason: str):
+    """A stand-in command for a group whose optional packages are missing."""
+    def command():
+        raise NtkMirrorError(f"'{name}' needs optional packages: {reason}")
+    return command
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -126,7 +126,7 @@ class GenerationEngine:
 
     # ------------------------------------------------------------------ one batch
     def _generate_batch(self, ids, gates, lo, n_new, eos):
-        n, B = len(ids), self.max_batch
+        n = len(ids)
         if not all(ids):
             raise ConfigError("every prompt needs at least one token")
         T = max(map(len, ids))

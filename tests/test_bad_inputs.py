@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import io
 import json
 import math
 import os
@@ -38,7 +37,7 @@ from ntkmirror.data import load_jsonl_examples
 from ntkmirror.errors import ConfigError, ControllerError, DataError, ModelMismatchError, NotFound
 from conftest import serve_app
 from test_controller import make_controller
-from tiny import tiny_model, tiny_tokenizer
+from tiny import tiny_model
 
 ROOT = Path(__file__).resolve().parents[1]
 CORPUS = Path(__file__).parent / "bad_inputs"

@@ -6,7 +6,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 from conftest import write_jsonl
 from ntkmirror import Controller

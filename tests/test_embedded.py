@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from ntkmirror import FitConfig, ForwardFineTuner, load_jsonl_examples, load_model
+from ntkmirror import ForwardFineTuner, load_jsonl_examples, load_model
 from ntkmirror.models import embedded_model_dir, model_fingerprint
 
 pytestmark = pytest.mark.embedded
