@@ -24,8 +24,6 @@ import os
 import random
 import secrets
 import shutil
-import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -39,6 +37,9 @@ from urllib.parse import urlparse
 
 import httpx
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.serve_process import free_port, running_serve  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 TOPICS = ["sailing and pirate speak", "metric unit conversion", "french cooking recipes", "python programming tips",
           "medieval history facts", "gardening in small spaces", "jazz music theory", "mountain hiking safety",
@@ -46,12 +47,6 @@ TOPICS = ["sailing and pirate speak", "metric unit conversion", "french cooking 
 OPS = ("generate", "search", "write")
 LIMITS = {"clients": 64, "seconds": 600}
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def controller_b64(n_layers: int, hidden: int, seed: int, gates: int = 64) -> str:
@@ -304,41 +299,19 @@ def main() -> None:
     cfg = AutoConfig.from_pretrained(model or embedded_model_dir())
     shape = (cfg.num_hidden_layers, cfg.hidden_size)
     redis_server = RedisServer(tmp / "redis").start()
-    port, admin_key = free_port(), "load-admin-" + secrets.token_hex(16)
-    base, admin = f"http://127.0.0.1:{port}", {"Authorization": f"Bearer {admin_key}"}
-    cmd = [sys.executable, "-m", "ntkmirror.cli", "serve", "--store", redis_server.url, "--port", str(port),
-           "--threads", str(args.threads)] + (["--model", model] if model else [])
-    env = {**os.environ, "NTKMIRROR_ADMIN_KEY": admin_key, "RAY_AUTH_MODE": "disabled"}
-    log = open(tmp / "serve.log", "w")
-    t_start = time.perf_counter()
-    server = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
+    admin_key = "load-admin-" + secrets.token_hex(16)
+    admin = {"Authorization": f"Bearer {admin_key}"}
+    serve_args = ["--store", redis_server.url, "--threads", str(args.threads)] + (["--model", model] if model else [])
     try:
-        while True:
-            if server.poll() is not None:
-                sys.exit(f"ntkmirror serve exited early; see {log.name}")
-            try:
-                if httpx.get(f"{base}/healthz", timeout=5).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.perf_counter() - t_start > 600:
-                sys.exit(f"the app did not start in 600 s; see {log.name}")
-            time.sleep(1)
-        startup = time.perf_counter() - t_start
-        tenants = setup_tenants(base, admin, args.tenants, args.memories, shape)
-        httpx.post(f"{base}/v1/generate", headers=tenants[0].headers, timeout=300,  # warm-up
-                   json={"prompt": "Hello", "query": TOPICS[0], "max_new_tokens": 2}).raise_for_status()
-        load_before = os.getloadavg()[0]
-        res = run_load(base, tenants, args.clients, args.seconds, shape, mix, args.max_new_tokens, args.max_requests)
-        res["writes"] = verify_writes(base, tenants)
-        res["load_avg_1m"] = [load_before, os.getloadavg()[0]]
+        with running_serve(serve_args, admin_key, tmp / "serve.log") as (base, startup):
+            tenants = setup_tenants(base, admin, args.tenants, args.memories, shape)
+            httpx.post(f"{base}/v1/generate", headers=tenants[0].headers, timeout=300,  # warm-up
+                       json={"prompt": "Hello", "query": TOPICS[0], "max_new_tokens": 2}).raise_for_status()
+            load_before = os.getloadavg()[0]
+            res = run_load(base, tenants, args.clients, args.seconds, shape, mix, args.max_new_tokens, args.max_requests)
+            res["writes"] = verify_writes(base, tenants)
+            res["load_avg_1m"] = [load_before, os.getloadavg()[0]]
     finally:
-        server.send_signal(signal.SIGINT)  # Ctrl-C: the CLI shuts Serve and Ray down
-        try:
-            server.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            server.kill()
-        log.close()
         redis_server.stop()
 
     res.update(model="tiny (random, 2 layers x 32)" if args.tiny else (args.model or "embedded SmolLM2-135M-Instruct"),

@@ -19,10 +19,7 @@ import json
 import os
 import platform
 import secrets
-import signal
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -30,16 +27,13 @@ from pathlib import Path
 
 import httpx
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.serve_process import running_serve  # noqa: E402
+
 TOPICS = ["sailing and pirate speak", "metric unit conversion", "french cooking recipes", "python programming tips",
           "medieval history facts", "gardening in small spaces", "jazz music theory", "mountain hiking safety",
           "chess openings", "astronomy for beginners", "personal finance budgeting", "coffee brewing methods",
           "marathon training plans", "watercolor painting", "birdwatching in spring", "home electrical repair"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def random_controller(n_layers: int, hidden: int, seed: int, gates: int = 5000) -> str:
@@ -116,30 +110,13 @@ def main() -> None:
     ap.add_argument("--out", default="runs/bench/serve_latency.json")
     args = ap.parse_args()
 
-    port, admin_key = free_port(), "bench-admin-" + secrets.token_hex(16)
-    base, admin = f"http://127.0.0.1:{port}", {"Authorization": f"Bearer {admin_key}"}
+    admin_key = "bench-admin-" + secrets.token_hex(16)
+    admin = {"Authorization": f"Bearer {admin_key}"}
     tmp = tempfile.mkdtemp(prefix="ntk-serve-bench-")
     store = args.store or str(Path(tmp) / "store")
-    cmd = [sys.executable, "-m", "ntkmirror.cli", "serve", "--store", store, "--port", str(port),
-           "--max-batch-size", str(args.max_batch_size), "--batch-wait-ms", str(args.batch_wait_ms),
-           "--threads", str(args.threads)] + (["--model", args.model] if args.model else [])
-    env = {**os.environ, "NTKMIRROR_ADMIN_KEY": admin_key, "RAY_AUTH_MODE": "disabled"}
-    log = open(Path(tmp) / "serve.log", "w")
-    t_start = time.perf_counter()
-    server = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
-    try:
-        while True:
-            if server.poll() is not None:
-                sys.exit(f"ntkmirror serve exited early; see {log.name}")
-            try:
-                if httpx.get(f"{base}/healthz", timeout=5).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.perf_counter() - t_start > 600:
-                sys.exit(f"the app did not start in 600 s; see {log.name}")
-            time.sleep(1)
-        startup = time.perf_counter() - t_start
+    serve_args = ["--store", store, "--max-batch-size", str(args.max_batch_size), "--batch-wait-ms",
+                  str(args.batch_wait_ms), "--threads", str(args.threads)] + (["--model", args.model] if args.model else [])
+    with running_serve(serve_args, admin_key, Path(tmp) / "serve.log") as (base, startup):
         httpx.post(f"{base}/v1/admin/tenants", headers=admin, json={"tenant": "bench"}).raise_for_status()
         key = httpx.post(f"{base}/v1/admin/tenants/bench/keys", headers=admin, json={}).json()["key"]
         headers = {"Authorization": f"Bearer {key}"}
@@ -159,13 +136,6 @@ def main() -> None:
                    json={"prompt": "Hello", "query": TOPICS[0], "max_new_tokens": 4}).raise_for_status()
         levels = [run_level(base, headers, admin, c, args.requests, args.seconds, args.max_new_tokens)
                   for c in args.clients]
-    finally:
-        server.send_signal(signal.SIGINT)  # Ctrl-C: the CLI shuts Serve and Ray down
-        try:
-            server.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            server.kill()
-        log.close()
 
     import torch
 
