@@ -127,6 +127,15 @@ def pytest_configure(config):
 # ---------------------------------------------------------------- a Serve app for a test module
 
 
+def create_tenant(http, admin: dict, name: str, **quotas) -> dict:
+    """Create a tenant (with quotas) and a key over HTTP; return its bearer headers."""
+    r = http.post("/v1/admin/tenants", headers=admin, json={"tenant": name, "quotas": quotas})
+    assert r.status_code in (200, 201), r.text
+    r = http.post(f"/v1/admin/tenants/{name}/keys", headers=admin, json={"name": "test"})
+    assert r.status_code == 201, r.text
+    return {"Authorization": f"Bearer {r.json()['key']}"}
+
+
 def wait_healthy(base: str, timeout: float = 240) -> None:
     import time
 

@@ -35,7 +35,7 @@ from ntkmirror import Controller
 from ntkmirror.cli import main
 from ntkmirror.data import load_jsonl_examples
 from ntkmirror.errors import ConfigError, ControllerError, DataError, ModelMismatchError, NotFound
-from conftest import serve_app
+from conftest import create_tenant, serve_app
 from test_controller import make_controller
 from tiny import tiny_model
 
@@ -394,11 +394,7 @@ def http(app):
 
 
 def new_tenant(http, name: str, **quotas) -> dict:
-    r = http.post("/v1/admin/tenants", headers=ADMIN, json={"tenant": name, "quotas": quotas})
-    assert r.status_code in (200, 201), r.text
-    r = http.post(f"/v1/admin/tenants/{name}/keys", headers=ADMIN, json={"name": "test"})
-    assert r.status_code == 201, r.text
-    return {"Authorization": f"Bearer {r.json()['key']}"}
+    return create_tenant(http, ADMIN, name, **quotas)
 
 
 def b64(data: bytes) -> str:

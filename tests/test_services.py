@@ -21,7 +21,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import wait_healthy
+from conftest import create_tenant, wait_healthy
 
 pytestmark = pytest.mark.ray
 
@@ -103,11 +103,7 @@ def http(app):
 
 
 def new_tenant(http, name: str, **quotas) -> dict:
-    r = http.post("/v1/admin/tenants", headers=ADMIN, json={"tenant": name, "quotas": quotas})
-    assert r.status_code in (200, 201), r.text
-    r = http.post(f"/v1/admin/tenants/{name}/keys", headers=ADMIN, json={"name": "test"})
-    assert r.status_code == 201, r.text
-    return {"Authorization": f"Bearer {r.json()['key']}"}
+    return create_tenant(http, ADMIN, name, **quotas)
 
 
 def controller_b64(model_ref, seed: int, gates: int = 48, meta: dict | None = None) -> str:
