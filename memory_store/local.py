@@ -14,7 +14,6 @@ except to wait for a writer whose journal line is ahead of its record.
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import os
@@ -31,7 +30,7 @@ from ntkmirror.errors import NotFound, StoreError
 from . import embed as text_embed
 from .base import ID_PATTERN, validate_id
 from .retrieval import TenantIndex
-from .store import IndexedStore, IndexState
+from .store import IndexedStore, IndexState, blob_problems
 
 RECORD, JOURNAL, SNAPSHOT, BLOB_SUFFIX, TMP_PREFIX = "record.json", "journal.jsonl", "index.npz", ".safetensors", ".tmp-"
 
@@ -254,19 +253,11 @@ class LocalStore(IndexedStore):
                 problem("unreadable_record", id, str(e))
                 continue
             versions += len(vs)
-            wanted = {v["controller_sha256"] for v in vs}
-            files = {p.name[: -len(BLOB_SUFFIX)]: p for p in d.iterdir() if p.name.endswith(BLOB_SUFFIX)
-                     and not p.name.startswith(TMP_PREFIX)}
-            for sha in sorted(wanted - files.keys()):
-                problem("missing_blob", id, f"controller blob {sha[:12]} referenced by "
-                        f"version(s) {[v['version'] for v in vs if v['controller_sha256'] == sha]} is missing")
-            for sha in sorted(files.keys() - wanted):
-                problem("orphan_blob", id, f"blob {files[sha].name} is referenced by no version")
-            for sha, p in files.items():
-                data = p.read_bytes()
-                blobs, nbytes = blobs + 1, nbytes + len(data)
-                if hashlib.sha256(data).hexdigest() != sha:
-                    problem("corrupt_blob", id, f"blob {p.name} does not match its sha256")
+            stored = {p.name[: -len(BLOB_SUFFIX)]: p.read_bytes() for p in d.iterdir()
+                      if p.name.endswith(BLOB_SUFFIX) and not p.name.startswith(TMP_PREFIX)}
+            blobs, nbytes = blobs + len(stored), nbytes + sum(map(len, stored.values()))
+            for kind, detail in blob_problems(vs, stored):
+                problem(kind, id, detail)
             for p in d.iterdir():
                 if p.name.startswith(TMP_PREFIX):
                     problem("stale_tmp", id, f"leftover temporary file {p.name} (an interrupted write)")

@@ -17,7 +17,6 @@ in each process and refreshed when the tenant's counter moves.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 from contextlib import contextmanager
@@ -28,7 +27,7 @@ from redis.exceptions import RedisError, WatchError
 from ntkmirror.errors import NotFound, StoreError
 
 from .base import validate_id
-from .store import IndexedStore
+from .store import IndexedStore, blob_problems
 
 
 class RedisStore(IndexedStore):
@@ -227,17 +226,10 @@ class RedisStore(IndexedStore):
                 versions += len(vs)
                 if int(h.get(b"last", 0)) != max((v["version"] for v in vs), default=0):
                     problem("bad_last", id, "the 'last' field does not match the stored versions")
-                wanted = {v["controller_sha256"] for v in vs}
                 stored = {k[2:].decode(): v for k, v in h.items() if k.startswith(b"b:")}
-                for sha in sorted(wanted - stored.keys()):
-                    problem("missing_blob", id, f"controller blob {sha[:12]} referenced by version(s) "
-                            f"{sorted(v['version'] for v in vs if v['controller_sha256'] == sha)} is missing")
-                for sha in sorted(stored.keys() - wanted):
-                    problem("orphan_blob", id, f"blob {sha[:12]} is referenced by no version")
-                for sha, data in stored.items():
-                    blobs, nbytes = blobs + 1, nbytes + len(data)
-                    if hashlib.sha256(data).hexdigest() != sha:
-                        problem("corrupt_blob", id, f"blob {sha[:12]} does not match its sha256")
+                blobs, nbytes = blobs + len(stored), nbytes + sum(map(len, stored.values()))
+                for kind, detail in blob_problems(vs, stored):
+                    problem(kind, id, detail)
             # item hashes that the ids set forgot
             listed = set(ids)
             for key in self.r.scan_iter(match=self._item_key(tenant, "*"), count=1000):

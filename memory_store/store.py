@@ -59,6 +59,19 @@ def _row(rec: dict) -> tuple:
     return rec["id"], rec["version"], rec["text"], rec["tags"], decode_vec(rec["embedding"]), decode_vec(rec["sketch"])
 
 
+def blob_problems(versions: Sequence[dict], blobs: dict[str, bytes]) -> list[tuple[str, str]]:
+    """(kind, detail) for one item: blobs its versions reference but that are missing, blobs no
+    version references, and blobs whose bytes do not match their sha256. Shared by the backends' audits."""
+    wanted = {v["controller_sha256"] for v in versions}
+    out = [("missing_blob", f"controller blob {sha[:12]} referenced by version(s) "
+            f"{sorted(v['version'] for v in versions if v['controller_sha256'] == sha)} is missing")
+           for sha in sorted(wanted - blobs.keys())]
+    out += [("orphan_blob", f"blob {sha[:12]} is referenced by no version") for sha in sorted(blobs.keys() - wanted)]
+    out += [("corrupt_blob", f"blob {sha[:12]} does not match its sha256")
+            for sha, data in blobs.items() if hashlib.sha256(data).hexdigest() != sha]
+    return out
+
+
 def softmax_weights(scores: Sequence[float], temperature: float) -> list[float]:
     if not scores:
         return []
