@@ -179,3 +179,12 @@ def serve_app(store: str, model_dir, admin_key: str, **app_args):
             ray.shutdown()
 
     return run()
+
+
+def write_counts(counts, name: str, label: str) -> None:
+    """Save a reliability module's tallies to runs/reliability/<name>.json (docs/reliability.md quotes them)."""
+    if counts:
+        out = Path(__file__).resolve().parents[1] / "runs" / "reliability"
+        out.mkdir(parents=True, exist_ok=True)
+        (out / f"{name}.json").write_text(json.dumps(dict(counts), indent=2))
+        print(f"\n{label}:", dict(counts))

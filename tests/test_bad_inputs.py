@@ -35,7 +35,7 @@ from ntkmirror import Controller
 from ntkmirror.cli import main
 from ntkmirror.data import load_jsonl_examples
 from ntkmirror.errors import ConfigError, ControllerError, DataError, ModelMismatchError, NotFound
-from conftest import create_tenant, serve_app
+from conftest import create_tenant, serve_app, write_counts
 from test_controller import make_controller
 from tiny import tiny_model
 
@@ -838,8 +838,4 @@ def test_schemathesis_finds_no_server_error(app, http):
 @pytest.fixture(scope="module", autouse=True)
 def _report_counts():
     yield
-    if COUNTS:
-        out = ROOT / "runs" / "reliability"
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "bad_inputs.json").write_text(json.dumps(dict(COUNTS), indent=2))
-        print("\nbad inputs tried:", dict(COUNTS))
+    write_counts(COUNTS, "bad_inputs", "bad inputs tried")

@@ -31,7 +31,7 @@ import pytest
 import torch
 
 from benchmarks.load import RedisServer, controller_b64, run_load, setup_tenants, verify_writes
-from conftest import serve_app
+from conftest import serve_app, write_counts
 
 ROOT = Path(__file__).resolve().parents[1]
 ADMIN_KEY = "faults-admin-" + "z" * 24
@@ -315,10 +315,4 @@ def test_local_writer_killed_between_steps_keeps_the_previous_version(tmp_path, 
 @pytest.fixture(scope="module", autouse=True)
 def _report_counts():
     yield
-    if COUNTS:
-        import json
-
-        out = ROOT / "runs" / "reliability"
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "faults.json").write_text(json.dumps(dict(COUNTS), indent=2))
-        print("\nfaults:", dict(COUNTS))
+    write_counts(COUNTS, "faults", "faults")
