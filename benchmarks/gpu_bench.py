@@ -10,14 +10,13 @@ Qwen2.5-0.5B and Qwen2.5-7B. Everything timed goes through the project's own cod
 and `cluster.ReplicaPool` for scale-out. Sections:
 
   env     bf16 matmul rate measured here (the MFU denominator), fused-gate bit-exactness
-  fit     one step on 8 x 256 tokens: 5000-gate controller vs PEFT LoRA r=8 (all linear) vs IA3
-  pack    C controllers packed in one step (8 rows x 256 tokens each): controllers/s and MFU
+  fit     one step on 8 x 256 tokens: 5000-gate controller vs PEFT LoRA r=8 (all linear) vs IA3,
+          eager and with the decoder layers compiled (`ntkmirror.models.compiled_layers`, FitConfig.compile)
+  pack    C controllers packed in one step (8 rows x 256 tokens each): controllers/s and MFU, eager and compiled
   ablate  the fit-path optimisations switched off one at a time (fused gate, chunked loss)
   serve   prefill 32 x 512 and decode 64 x 64 with a different composed controller per row
           vs no controller, same engine; engine vs plain `model.generate` at batch 64
           (the torch.compile'd engine runs last, on the first model: compiling takes minutes)
-  fused   experiment: MLP + RMSNorm through shared compiled functions, to size the
-          elementwise share of the fit step (last; not a core path)
   scale   the batch-fit path over a Ray ReplicaPool on 2 GPUs vs 1 (needs 2 GPUs and Ray)
 
 Prints a table last and writes every number to JSON (--out).
@@ -26,6 +25,7 @@ Prints a table last and writes every number to JSON (--out).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import os
@@ -47,6 +47,7 @@ from ntkmirror.controller import Controller  # noqa: E402
 from ntkmirror.engine import GenerationEngine  # noqa: E402
 from ntkmirror.fit import PackedGates, _pack, train_step  # noqa: E402
 from ntkmirror.gates import RowGates, row_gates  # noqa: E402
+from ntkmirror.models import compiled_layers  # noqa: E402
 from ntkmirror.objective import group_means, token_losses  # noqa: E402
 
 # Real configs (from the models' config.json), written here: no hub access on the GPU hosts.
@@ -68,8 +69,9 @@ T0 = time.perf_counter()
 
 # ---------------------------------------------------------------------------- helpers
 class Settings:
-    def __init__(self, smoke: bool):
+    def __init__(self, smoke: bool, compile_fit: bool = True):
         self.smoke = smoke
+        self.compile_fit = compile_fit
         self.device = "cpu" if smoke else "cuda"
         self.models = {"tiny-a": TINY, "tiny-b": {**TINY, "num_hidden_layers": 4}} if smoke else \
             {"qwen2.5-0.5b": QWEN25_05B, "qwen2.5-7b": QWEN25_7B}
@@ -109,6 +111,22 @@ def timed(fn, settings, warmup=None, iters=None) -> float:
         sync(settings.device)
         times.append(time.perf_counter() - t)
     return statistics.median(times)
+
+
+def variants(settings):
+    """(label, context factory) of the fit paths timed: eager, and the decoder layers compiled."""
+    out = [("", lambda model: contextlib.nullcontext())]
+    if settings.compile_fit:
+        out.append((", compiled layers", compiled_layers))
+    return out
+
+
+def timed_first(fn, settings) -> tuple[float, float]:
+    """(first call s, median s): the first call of a compiled path includes its compile."""
+    t = time.perf_counter()
+    fn()
+    sync(settings.device)
+    return time.perf_counter() - t, timed(fn, settings)
 
 
 def peak_reset(dev):
@@ -253,7 +271,8 @@ def env_section(settings):
 
 
 def fit_section(name, cfg, model, settings):
-    """One step on the same 8 x 256 batch: controller (all layers; top quarter) vs LoRA vs IA3."""
+    """One step on the same 8 x 256 batch: controller (all layers; top quarter) vs LoRA vs IA3,
+    each eager and (controller, LoRA) with the decoder layers compiled."""
     dev = settings.device
     rows = synthetic_rows(settings.rows, settings, cfg["vocab_size"], 1)
     batch, row_ctrl = _pack([rows], [list(range(settings.rows))], 0)
@@ -262,19 +281,21 @@ def fit_section(name, cfg, model, settings):
     out = {}
     L = cfg["num_hidden_layers"]
     arms = (("controller 5000 gates, all layers", 0), ("controller 5000 gates, top 1/4 layers", L - max(1, L // 4)))
-    for arm, lo in arms:
-        peak_reset(dev)
-        pg = random_packed(1, model, settings, settings.gates, layer_lo=lo)
-        opt = torch.optim.AdamW([pg.raw], lr=5e-3, weight_decay=0.0)
-        t = timed(lambda: train_step(model, pg, opt, batch, row_ctrl, 1e-5), settings)
-        out[arm] = (t, peak_gib(dev))
-        row("fit", name, arm, "step s", t)
-        row("fit", name, arm, "peak GiB", out[arm][1], weights_gib=weights)
-        free(pg, opt)
+    for label, regional in variants(settings):
+        torch._dynamo.reset()
+        for arm, lo in arms:
+            peak_reset(dev)
+            pg = random_packed(1, model, settings, settings.gates, layer_lo=lo)
+            opt = torch.optim.AdamW([pg.raw], lr=5e-3, weight_decay=0.0)
+            with regional(model):
+                first, t = timed_first(lambda: train_step(model, pg, opt, batch, row_ctrl, 1e-5), settings)
+            out[arm + label] = (t, peak_gib(dev))
+            row("fit", name, arm + label, "step s", t, first_call_s=first)
+            row("fit", name, arm + label, "peak GiB", out[arm + label][1], weights_gib=weights)
+            free(pg, opt)
     from peft import get_peft_model
 
     for method in ("lora", "ia3"):
-        peak_reset(dev)
         pm = get_peft_model(model, _peft_config(method))
         inner = pm.get_base_model()
         params = [p for p in pm.parameters() if p.requires_grad]
@@ -287,22 +308,33 @@ def fit_section(name, cfg, model, settings):
             loss.backward()
             opt.step()
 
-        arm = {"lora": "PEFT LoRA r=8 all-linear", "ia3": "PEFT IA3 (k, v, down)"}[method]
-        t = timed(step, settings)
-        out[arm] = (t, peak_gib(dev))
-        n_params = sum(p.numel() for p in params)
-        row("fit", name, arm, "step s", t, trainable=n_params)
-        row("fit", name, arm, "peak GiB", out[arm][1])
+        for label, regional in variants(settings) if method == "lora" else variants(settings)[:1]:
+            torch._dynamo.reset()
+            peak_reset(dev)
+            arm = {"lora": "PEFT LoRA r=8 all-linear", "ia3": "PEFT IA3 (k, v, down)"}[method] + label
+            with regional(inner):
+                first, t = timed_first(step, settings)
+            out[arm] = (t, peak_gib(dev))
+            n_params = sum(p.numel() for p in params)
+            row("fit", name, arm, "step s", t, trainable=n_params, first_call_s=first)
+            row("fit", name, arm, "peak GiB", out[arm][1])
         pm.unload()  # the base model, adapters removed, weights untouched
         free(pm, inner, opt, params)
         model.requires_grad_(False)
-    c, lora = out["controller 5000 gates, all layers"], out["PEFT LoRA r=8 all-linear"]
-    top = out["controller 5000 gates, top 1/4 layers"]
-    row("fit", name, "controller / LoRA", "step time ratio", c[0] / lora[0], "<= 0.5", c[0] / lora[0] <= 0.5)
-    row("fit", name, "controller (top 1/4) / LoRA", "step time ratio", top[0] / lora[0], "<= 0.5",
-        top[0] / lora[0] <= 0.5)
-    if c[1] is not None:
-        row("fit", name, "controller / LoRA", "peak memory ratio", c[1] / lora[1], "< 1", c[1] < lora[1])
+    lora = out["PEFT LoRA r=8 all-linear"]
+    for label, _ in variants(settings):
+        for arm, short in (("controller 5000 gates, all layers", "controller"),
+                           ("controller 5000 gates, top 1/4 layers", "controller (top 1/4)")):
+            c = out[arm + label]
+            for lora_label in {"", label}:  # vs eager LoRA; compiled vs compiled LoRA too
+                ref = out["PEFT LoRA r=8 all-linear" + lora_label]
+                ratio = c[0] / ref[0]
+                row("fit", name, f"{short}{label} / LoRA{lora_label or ' (eager)'}", "step time ratio", ratio,
+                    "<= 0.5", ratio <= 0.5)
+        c = out["controller 5000 gates, all layers" + label]
+        if c[1] is not None:
+            row("fit", name, f"controller{label} / LoRA (eager)", "peak memory ratio", c[1] / lora[1], "< 1",
+                c[1] < lora[1])
 
 
 def _peft_config(method):
@@ -317,39 +349,45 @@ def _peft_config(method):
 
 
 def pack_section(name, cfg, model, settings, peak):
-    """C controllers in one step, equal work each (8 rows x 256 tokens): controllers/s and MFU."""
+    """C controllers in one step, equal work each (8 rows x 256 tokens): controllers/s and MFU,
+    eager and with the decoder layers compiled."""
     dev = settings.device
-    per_c = {}
-    for C in settings.packs[name]:
-        peak_reset(dev)
-        sets = [synthetic_rows(settings.rows, settings, cfg["vocab_size"], 100 + c) for c in range(C)]
-        batch, row_ctrl = _pack(sets, [list(range(settings.rows))] * C, 0)
-        batch, row_ctrl = batch.to(dev), row_ctrl.to(dev)
-        pg = random_packed(C, model, settings, settings.gates, seed=C)
-        opt = torch.optim.AdamW([pg.raw], lr=5e-3, weight_decay=0.0)
-        try:
-            t = timed(lambda: train_step(model, pg, opt, batch, row_ctrl, 1e-5), settings)
-        except torch.OutOfMemoryError:
-            row("pack", name, f"C={C}", "step s", "OOM")
+    best = 0.0
+    for label, regional in variants(settings):
+        torch._dynamo.reset()
+        per_c = {}
+        for C in settings.packs[name]:
+            peak_reset(dev)
+            sets = [synthetic_rows(settings.rows, settings, cfg["vocab_size"], 100 + c) for c in range(C)]
+            batch, row_ctrl = _pack(sets, [list(range(settings.rows))] * C, 0)
+            batch, row_ctrl = batch.to(dev), row_ctrl.to(dev)
+            pg = random_packed(C, model, settings, settings.gates, seed=C)
+            opt = torch.optim.AdamW([pg.raw], lr=5e-3, weight_decay=0.0)
+            arm = f"C={C}{label}"
+            try:
+                with regional(model):
+                    first, t = timed_first(lambda: train_step(model, pg, opt, batch, row_ctrl, 1e-5), settings)
+            except torch.OutOfMemoryError:
+                row("pack", name, arm, "step s", "OOM")
+                free(pg, opt, batch)
+                continue
+            n_sup = C * settings.rows * settings.completion
+            fl = flops_per_step(cfg, C * settings.rows, settings.seq, n_sup)
+            per_c[C] = t
+            row("pack", name, arm, "step s", t, peak_gib=peak_gib(dev), first_call_s=first)
+            row("pack", name, arm, "controller-steps/s", C / t)
+            row("pack", name, arm, "controllers/s (240 steps)", C / t / 240)
+            if peak:
+                row("pack", name, arm, "MFU", fl / t / peak, useful_tflop=fl / 1e12)
+                best = max(best, fl / t / peak)
             free(pg, opt, batch)
-            continue
-        n_sup = C * settings.rows * settings.completion
-        fl = flops_per_step(cfg, C * settings.rows, settings.seq, n_sup)
-        per_c[C] = t
-        row("pack", name, f"C={C}", "step s", t, peak_gib=peak_gib(dev))
-        row("pack", name, f"C={C}", "controller-steps/s", C / t)
-        row("pack", name, f"C={C}", "controllers/s (240 steps)", C / t / 240)
-        if peak:
-            row("pack", name, f"C={C}", "MFU", fl / t / peak, useful_tflop=fl / 1e12)
-        free(pg, opt, batch)
-    if 1 in per_c and 8 in per_c:
-        gain = 8 * per_c[1] / per_c[8]
-        row("pack", name, "C=8 vs C=1", "controllers/s ratio", gain, ">= 4", gain >= 4)
-    if peak and per_c:
-        best = max(flops_per_step(cfg, C * settings.rows, settings.seq, C * settings.rows * settings.completion)
-                   / t / peak for C, t in per_c.items())
-        row("pack", name, "best C", "MFU", best, ">= 0.40" if name == settings.first else None,
-            best >= 0.40 if name == settings.first else None)
+        if 1 in per_c and 8 in per_c:
+            gain = 8 * per_c[1] / per_c[8]
+            row("pack", name, f"C=8 vs C=1{label}", "controllers/s ratio", gain, ">= 4", gain >= 4)
+    if peak and best:
+        first = name == settings.first
+        row("pack", name, "best C, either path", "MFU", best, ">= 0.40" if first else None,
+            best >= 0.40 if first else None)
 
 
 def ablate_section(name, cfg, model, settings):
@@ -481,54 +519,6 @@ def serve_section(name, cfg, model, settings, compile_engine: bool):
 SERVE_HF: dict = {}  # model -> (decode tok/s, total tok/s) of plain model.generate
 
 
-def fused_section(name, cfg, model, settings, peak):
-    """Experiment (not a core path yet): each layer's MLP and RMSNorms through one shared
-    torch.compile'd function each (weights as arguments, so all layers share one compile),
-    to see how much of the gap to peak is unfused elementwise work."""
-    import torch.nn.functional as F
-
-    @torch.compile(dynamic=True)
-    def mlp(x, wg, wu, wd):
-        return F.linear(F.silu(F.linear(x, wg)) * F.linear(x, wu), wd)
-
-    @torch.compile(dynamic=True)
-    def norm(x, w, eps: float):
-        xf = x.float()
-        return w * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
-
-    patched = []
-    for layer in model.model.layers:
-        m = layer.mlp
-        m.forward = lambda x, m=m: mlp(x, m.gate_proj.weight, m.up_proj.weight, m.down_proj.weight)
-        patched.append(m)
-        for nm in (layer.input_layernorm, layer.post_attention_layernorm):
-            nm.forward = lambda x, nm=nm: norm(x, nm.weight, nm.variance_epsilon)
-            patched.append(nm)
-    try:
-        dev = settings.device
-        for C in settings.packs[name]:
-            sets = [synthetic_rows(settings.rows, settings, cfg["vocab_size"], 300 + c) for c in range(C)]
-            batch, row_ctrl = _pack(sets, [list(range(settings.rows))] * C, 0)
-            batch, row_ctrl = batch.to(dev), row_ctrl.to(dev)
-            pg = random_packed(C, model, settings, settings.gates, seed=C)
-            opt = torch.optim.AdamW([pg.raw], lr=5e-3, weight_decay=0.0)
-            peak_reset(dev)
-            t = time.perf_counter()
-            train_step(model, pg, opt, batch, row_ctrl, 1e-5)
-            sync(dev)
-            first = time.perf_counter() - t
-            t = timed(lambda: train_step(model, pg, opt, batch, row_ctrl, 1e-5), settings)
-            fl = flops_per_step(cfg, C * settings.rows, settings.seq, C * settings.rows * settings.completion)
-            row("fused", name, f"C={C} compiled MLP+norms", "step s", t, first_call_s=first, peak_gib=peak_gib(dev))
-            row("fused", name, f"C={C} compiled MLP+norms", "controllers/s (240 steps)", C / t / 240)
-            if peak:
-                row("fused", name, f"C={C} compiled MLP+norms", "MFU", fl / t / peak)
-            free(pg, opt, batch)
-    finally:
-        for mod in patched:
-            del mod.forward  # back to the class's forward
-
-
 def scale_section(settings):
     """Batch fit over a Ray ReplicaPool: items/s on 2 GPUs vs 1. Needs 2 GPUs and Ray."""
     n_gpu = torch.cuda.device_count() if settings.device == "cuda" else 0
@@ -600,13 +590,14 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--smoke", action="store_true", help="tiny configs on CPU (checks the script runs)")
     ap.add_argument("--out", default=None, help="JSON path (default: runs/gpu_bench[_smoke].json)")
-    ap.add_argument("--only", default="env,fit,pack,ablate,serve,fused,scale", help="comma list of sections")
+    ap.add_argument("--only", default="env,fit,pack,ablate,serve,scale", help="comma list of sections")
     ap.add_argument("--models", default=None, help="comma list of model keys (default: all)")
     ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile engine variant")
+    ap.add_argument("--no-compile-fit", action="store_true", help="skip the compiled-layers fit variants")
     ap.add_argument("--serve-models", default=None, help="models for the serve section (default: all)")
     ap.add_argument("--budget", type=float, default=540.0, help="seconds; later sections are skipped after it")
     args = ap.parse_args(argv)
-    settings = Settings(args.smoke)
+    settings = Settings(args.smoke, compile_fit=not args.no_compile_fit)
     if settings.smoke:
         torch.set_num_threads(min(2, os.cpu_count() or 1))
     elif not torch.cuda.is_available():
@@ -653,9 +644,6 @@ def main(argv=None):
     for name, cfg, model in late:
         if "serve" in only and not args.no_compile:
             guarded(f"serve-compile {name}", settings, args.budget)(serve_section)(name, cfg, model, settings, True)
-            save()
-        if "fused" in only:
-            guarded(f"fused {name}", settings, args.budget)(fused_section)(name, cfg, model, settings, peak)
             save()
     late.clear()
     if "scale" in only:

@@ -63,7 +63,17 @@ CONFIGS = {
     "m0.2-lr2e-2-g1000-kl1": {**STRONG, "gates": 1000, "retain_kl": 1.0},
     "m0.2-lr2e-2-last15": {**STRONG, "layers": "last:15"},
     "m0.2-lr2e-2-first15": {**STRONG, "layers": "0,1,2,3,4,5,6,7,8,9,10,11,12,13,14"},
+    # interference levers on top of the kl5 default: weight, KL on every token, more rows, a larger set
+    "kl20": {**STRONG, "retain_kl": 20.0},
+    "kl5-all16": {**STRONG, "retain_kl": 5.0, "retain_tokens": "all", "retain_rows": 16},
+    "kl20-all16": {**STRONG, "retain_kl": 20.0, "retain_tokens": "all", "retain_rows": 16},
+    "kl50-all16": {**STRONG, "retain_kl": 50.0, "retain_tokens": "all", "retain_rows": 16},
+    "kl20-all16-large": {**STRONG, "retain_kl": 20.0, "retain_tokens": "all", "retain_rows": 16,
+                         "retain_set": "benchmarks/tasks/retain_large.jsonl"},
+    "kl50-all16-large": {**STRONG, "retain_kl": 50.0, "retain_tokens": "all", "retain_rows": 16,
+                         "retain_set": "benchmarks/tasks/retain_large.jsonl"},
 }
+NOT_FIT_FIELDS = ("retain_set",)  # config keys the benchmark handles itself (a retain file other than the manifest's)
 MAIN_ARMS = ("ctrl-5000", "lora", "ia3", "ctrl-512", "ctrl-all", "random-5000")
 PEFT = ("lora", "ia3")
 RULES = ("sum", "max", "mean")  # composition rules compared (see compose_rule)
@@ -197,13 +207,19 @@ def hardware(model) -> dict:
 
 def fit_config(overrides: dict, args, n_all: int) -> FitConfig:
     cfg = FitConfig(steps=args.steps, batch_size=args.batch_size, seed=args.seed)
-    kw = {k: v for k, v in overrides.items()}
+    kw = {k: v for k, v in overrides.items() if k not in NOT_FIT_FIELDS}
     if kw.get("gates") == -1:
         kw["gates"] = n_all
     for k in kw:
         if k not in {f.name for f in fields(FitConfig)}:
             raise ValueError(f"config override {k!r} is not a FitConfig field")
     return FitConfig(**{**asdict(cfg), **kw})
+
+
+def config_retain(name: str, retain: list, tok) -> list:
+    """The retain examples a config fits with: the manifest's, or its own `retain_set` file."""
+    path = CONFIGS.get(name, {}).get("retain_set")
+    return load_jsonl_examples(Path(__file__).resolve().parents[1] / path, tok) if path else retain
 
 
 def _peak_reset(device):
@@ -300,7 +316,7 @@ def run(args) -> Path:
             cfg = fit_config(CONFIGS[best], args, n_all)
             rest = [t for t in task_names if t not in ctrls]
             more = fit_controllers(model, tok, [train[t] for t in rest], cfg, progress=not args.quiet,
-                                   retain=retain if cfg.retain_kl > 0 else None)
+                                   retain=config_retain(best, retain, tok) if cfg.retain_kl > 0 else None)
             ctrls = {t: ctrls.get(t) or more[rest.index(t)] for t in task_names}
         memory_stage(R, model, tok, best, ctrls, evals, queries, manifest, args)
     R.results["meta"]["seconds"] = time.perf_counter() - R.t0
@@ -318,7 +334,7 @@ def controller_arm(R, model, tok, name, main, task_names, train, evals, unrelate
     mem0 = _peak_reset(device)
     t0 = time.perf_counter()
     ctrls = fit_controllers(model, tok, [train[t] for t in fit_tasks], cfg, progress=not args.quiet,
-                            retain=retain if cfg.retain_kl > 0 else None)
+                            retain=config_retain(name, retain, tok) if cfg.retain_kl > 0 else None)
     seconds = time.perf_counter() - t0
     peak, adapt = _peak(device, mem0)
     ctrls = dict(zip(fit_tasks, ctrls))

@@ -2,6 +2,7 @@
 # The two GPU runs behind docs/results.md, on a GPU host, from the project root:
 #   bash benchmarks/quality_gpu.sh main  [OUT]   # base, controllers 5000/512/all, random gates, LoRA, IA3, memory
 #   bash benchmarks/quality_gpu.sh sweep [OUT]   # candidate defaults (+ the memory benchmark for the best one)
+#   bash benchmarks/quality_gpu.sh interfere [OUT]  # levers against interference on unrelated text (issue 7)
 # The embedded model's GGUF comes as in ../shared/tools/README.md (/tmp/carry/part-1, part-2, NAME);
 # `gguf` from a wheel in .carry/mini/ when the host lacks it. Results are copied to OUT (default: $OUT).
 # Then, on any machine with memory_store: python -m benchmarks.quality retrieval <run dir>, and
@@ -22,8 +23,10 @@ case $what in
   main) args=(--arms ctrl-5000,lora,ia3,ctrl-512,ctrl-all,random-5000 --memory-configs ctrl-5000) ;;
   sweep) args=(--arms m0.2-lr2e-2,m0.2-lr2e-2-kl1,lr2e-2,m0.1-lr2e-2,m0.1-lr2e-2-kl1,m0.2-lr2e-2-kl5,m0.2-lr2e-2-g1000-kl1,m0.2-lr2e-2-coherent,m0.2-lr2e-2-last15,m0.2-lr2e-2-g1000,m0.2-lr2e-2-first15
                --memory-configs auto) ;;
+  interfere) args=(--arms m0.2-lr2e-2-kl5,kl20-all16,kl50-all16-large,kl20-all16-large,kl50-all16,kl20,kl5-all16
+                   --memory-configs none) ;;
   fix) args=(--arms ctrl-5000,m0.2-lr2e-2-kl5,lora,m0.2-lr2e-2 --memory-configs m0.2-lr2e-2-kl5,ctrl-5000) ;;
-  *) echo "usage: $0 main|sweep|fix [OUT]" >&2; exit 2 ;;
+  *) echo "usage: $0 main|sweep|fix|interfere [OUT]" >&2; exit 2 ;;
 esac
 # the tokenizer files of a local cache (.carry/tok): transformers versions differ in the EOS they give the GGUF
 [ -d .carry/tok ] && args+=(--tokenizer .carry/tok)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import time
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from typing import Sequence
 
@@ -19,7 +20,7 @@ from .controller import MAX_LOG_GATE_LIMIT, Controller, new_meta
 from .data import Batch, Example, collate, data_hash, default_retain_examples, encode_all, pad_id
 from .errors import ConfigError, DataError
 from .gates import RowGates, attach, parse_layers
-from .models import find_decoder_layers, hidden_size
+from .models import compiled_layers, find_decoder_layers, hidden_size
 from .objective import group_means, supervised_logits, token_losses
 from .selection import random_scores, saliency_scores, top_gates
 
@@ -43,6 +44,8 @@ class FitConfig:
     stats_examples: int = 32  # training examples used for the before/after NLL
     retain_kl: float = 5.0  # weight of KL(base || gated) on retain examples (default: bundled retain.jsonl)
     retain_rows: int = 4  # retain examples per step, seen by every controller
+    retain_tokens: str = "completion"  # where the KL is taken: "completion" tokens or "all" tokens of a row
+    compile: bool = False  # torch.compile the decoder layers for the steps (pays off on long fits / big packs)
 
     def check(self) -> "FitConfig":
         """Refuse settings that would fail late, silently do nothing, or never end."""
@@ -56,6 +59,8 @@ class FitConfig:
             raise ConfigError(f"max_log_gate must be in (0, {MAX_LOG_GATE_LIMIT:g}], got {self.max_log_gate!r}")
         if not (math.isfinite(self.retain_kl) and self.retain_kl >= 0):
             raise ConfigError(f"retain_kl must be a non-negative number, got {self.retain_kl!r}")
+        if self.retain_tokens not in ("completion", "all"):
+            raise ConfigError(f"retain_tokens must be completion or all, got {self.retain_tokens!r}")
         if self.score not in ("abs", "coherent", "random"):
             raise ConfigError(f"score must be abs, coherent or random, got {self.score!r}")
         return self
@@ -217,28 +222,31 @@ def fit_controllers(model, tokenizer, datasets: Sequence[Sequence[Example]], con
         retain = default_retain_examples()
     use_retain = bool(retain) and cfg.retain_kl > 0
     if use_retain:
+        if cfg.retain_tokens == "all":  # the prompt is text to leave alone too
+            retain = [Example("", ex.prompt + ex.completion, ex.source) for ex in retain]
         retain_enc = encode_all(tokenizer, retain, cfg.max_length, cfg.add_eos)
         retain_sampler = BatchSampler(len(retain_enc), cfg.retain_rows, cfg.seed + 2)
     steps_run = 0
     bar = tqdm(range(cfg.steps), desc=f"fit x{C}" if C > 1 else "fit", disable=not progress, leave=False)
-    for step in bar:
-        batch, row_ctrl = _pack(enc, [s.next() for s in samplers], pad)
-        retain_batch = collate([retain_enc[i] for i in retain_sampler.next()], pad).to(device) if use_retain else None
-        loss_c = train_step(model, gates, opt, batch.to(device), row_ctrl.to(device), cfg.l2, retain_batch,
-                            cfg.retain_kl)
-        steps_run = step + 1
-        if progress and step % 10 == 0:  # .item() waits for the GPU: not every step
-            bar.set_postfix(loss=f"{loss_c.mean().item():.4f}")
-        if val_enc and ((step + 1) % eval_every == 0 or step + 1 == cfg.steps):
-            val = packed_nll(model, val_enc, gates, pad)
-            improved = False
-            for c in range(C):
-                if val[c] < best_val[c]:
-                    best_val[c], improved = val[c], True
-                    best_raw[c] = gates.raw.detach()[c]
-            stale = 0 if improved else stale + 1
-            if cfg.patience and stale >= cfg.patience:
-                break
+    with compiled_layers(model) if cfg.compile else nullcontext():
+        for step in bar:
+            batch, row_ctrl = _pack(enc, [s.next() for s in samplers], pad)
+            retain_batch = collate([retain_enc[i] for i in retain_sampler.next()], pad).to(device) if use_retain else None
+            loss_c = train_step(model, gates, opt, batch.to(device), row_ctrl.to(device), cfg.l2, retain_batch,
+                                cfg.retain_kl)
+            steps_run = step + 1
+            if progress and step % 10 == 0:  # .item() waits for the GPU: not every step
+                bar.set_postfix(loss=f"{loss_c.mean().item():.4f}")
+            if val_enc and ((step + 1) % eval_every == 0 or step + 1 == cfg.steps):
+                val = packed_nll(model, val_enc, gates, pad)
+                improved = False
+                for c in range(C):
+                    if val[c] < best_val[c]:
+                        best_val[c], improved = val[c], True
+                        best_raw[c] = gates.raw.detach()[c]
+                stale = 0 if improved else stale + 1
+                if cfg.patience and stale >= cfg.patience:
+                    break
     bar.close()
     if val_enc:  # restore each controller's best checkpoint
         with torch.no_grad():

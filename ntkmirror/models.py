@@ -13,6 +13,8 @@ import json
 import os
 import shutil
 import tempfile
+import types
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -160,6 +162,24 @@ def find_decoder_layers(model) -> tuple[str, torch.nn.ModuleList]:
     raise ModelLoadError(
         f"cannot find decoder layers in {type(model).__name__}; looked for {', '.join(LAYER_PATHS)}"
     )
+
+
+@contextmanager
+def compiled_layers(model, **compile_kw):
+    """Regional compilation for the duration of the block: every decoder layer's forward runs
+    through one torch.compile'd function (the layers share their code, so one compile serves
+    all of them). Gate hooks sit on the layer call, outside the compiled forward, so swapping
+    gates between steps never recompiles. The model is back to eager afterwards."""
+    layers = find_decoder_layers(model)[1]
+    forwards = {type(layer).forward for layer in layers}
+    compiled = {f: torch.compile(f, **compile_kw) for f in forwards}
+    try:
+        for layer in layers:
+            layer.forward = types.MethodType(compiled[type(layer).forward], layer)  # instance attr shadows the class's
+        yield model
+    finally:
+        for layer in layers:
+            layer.__dict__.pop("forward", None)
 
 
 def hidden_size(model) -> int:

@@ -68,3 +68,42 @@ def test_backward_stops_below_the_lowest_gated_layer(tok):
             h.remove()
     assert seen == {0: False, 1: False, 2: True}  # layer 1's output joins the graph at its gate
     assert s.grad is not None and all(p.grad is None for p in model.parameters())
+
+
+def test_compiled_layers_compute_the_same_gated_function_and_compile_once(tok):
+    """Regional compilation: per-row gates still act (hooks stay outside the compiled forward),
+    loss and gate gradients match eager, new gates and new shapes do not compile per layer
+    or per step, and the model is eager again afterwards."""
+    from torch._dynamo.utils import counters
+
+    from ntkmirror.models import compiled_layers
+
+    torch._dynamo.reset()
+    counters.clear()
+    model = tiny_model(layers=3)
+    batches = [collate(encode_all(tok, [example_from_row(r) for r in arithmetic_rows(n, seed=n)], 1024),
+                       tok.pad_token_id) for n in (4, 4, 4, 6)]
+    g = torch.Generator().manual_seed(0)
+    gates = [0.1 * torch.randn(b.input_ids.shape[0], 2, 32, generator=g) for b in batches]
+
+    def step(batch, s):
+        s = s.clone().requires_grad_()
+        with attach(model, RowGates([0, 2], s)):
+            tl = objective.token_losses(model, batch)
+        tl.nll.sum().backward()
+        return tl.nll.detach(), s.grad
+
+    eager = [step(b, s) for b, s in zip(batches, gates)]
+    with compiled_layers(model, backend="aot_eager"):
+        compiled = [step(b, s) for b, s in zip(batches, gates)]
+        with torch.no_grad():
+            ungated = objective.token_losses(model, batches[0]).nll
+    for (nll, grad), (nll_c, grad_c) in zip(eager, compiled):
+        torch.testing.assert_close(nll_c, nll)
+        torch.testing.assert_close(grad_c, grad)
+    assert not torch.allclose(ungated, eager[0][0])  # the gates changed the loss under compile too
+    # 3 layers x 4 steps + 1 no-grad pass; one graph per (input needs grad or not) x (static, then
+    # dynamic shapes), plus the no-grad one: not one per layer or per step
+    assert counters["stats"]["unique_graphs"] <= 5
+    assert all("forward" not in layer.__dict__ for layer in model.model.layers)
+    torch.testing.assert_close(step(batches[0], gates[0])[0], eager[0][0])

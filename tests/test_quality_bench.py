@@ -127,3 +127,20 @@ def test_default_fit_keeps_to_the_bundled_retain_set(model, tok):
     assert on.meta["fit"]["retain_examples"] == 32 and off.meta["fit"]["retain_examples"] == 0
     with pytest.raises(Exception, match="retain_kl"):
         FitConfig(retain_kl=-1.0).check()
+
+
+def test_retain_kl_on_all_tokens_covers_the_prompt(model, tok):
+    """retain_tokens="all" takes the KL on the prompt tokens of a retain row as well, so a
+    controller moves a retain text's prompt less than with the KL on its completion alone."""
+    train = [Example(**r) for r in arithmetic_rows(24)]
+    retain = [Example("The quick brown fox jumps over the lazy dog. Hello world!", " ok"),
+              Example("user assistant system. The lazy dog jumps over the quick brown fox.", " ok")]
+    whole = [Example("", ex.prompt + ex.completion) for ex in retain]
+    cfg = dict(gates=64, steps=25, batch_size=4, score_batches=2, lr=5e-2, max_log_gate=0.5, retain_rows=2,
+               retain_kl=10.0)
+    completion = fit_controllers(model, tok, [train], FitConfig(**cfg), progress=False, retain=retain)[0]
+    everywhere = fit_controllers(model, tok, [train], FitConfig(**cfg, retain_tokens="all"), progress=False,
+                                 retain=retain)[0]
+    assert _retain_kl(model, tok, everywhere, whole) < 0.85 * _retain_kl(model, tok, completion, whole)  # measured 0.72
+    with pytest.raises(Exception, match="retain_tokens"):
+        FitConfig(retain_tokens="prompt").check()
