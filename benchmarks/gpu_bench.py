@@ -11,7 +11,7 @@ and `cluster.ReplicaPool` for scale-out. Sections:
 
   env     bf16 matmul rate measured here (the MFU denominator), fused-gate bit-exactness
   fit     one step on 8 x 256 tokens: 5000-gate controller vs PEFT LoRA r=8 (all linear) vs IA3,
-          eager and with the decoder layers compiled (`ntkmirror.models.compiled_layers`, FitConfig.compile)
+          eager and compiled (`ntkmirror.fit.compiled_fit`: decoder layers + head loss, FitConfig.compile)
   pack    C controllers packed in one step (8 rows x 256 tokens each): controllers/s and MFU, eager and compiled
   ablate  the fit-path optimisations switched off one at a time (fused gate, chunked loss)
   serve   prefill 32 x 512 and decode 64 x 64 with a different composed controller per row
@@ -45,9 +45,8 @@ from ntkmirror import gates as gates_mod  # noqa: E402
 from ntkmirror import objective  # noqa: E402
 from ntkmirror.controller import Controller  # noqa: E402
 from ntkmirror.engine import GenerationEngine  # noqa: E402
-from ntkmirror.fit import PackedGates, _pack, train_step  # noqa: E402
+from ntkmirror.fit import PackedGates, _pack, compiled_fit, train_step  # noqa: E402
 from ntkmirror.gates import RowGates, row_gates  # noqa: E402
-from ntkmirror.models import compiled_layers  # noqa: E402
 from ntkmirror.objective import group_means, token_losses  # noqa: E402
 
 # Real configs (from the models' config.json), written here: no hub access on the GPU hosts.
@@ -114,10 +113,10 @@ def timed(fn, settings, warmup=None, iters=None) -> float:
 
 
 def variants(settings):
-    """(label, context factory) of the fit paths timed: eager, and the decoder layers compiled."""
+    """(label, context factory) of the fit paths timed: eager, and compiled (FitConfig.compile)."""
     out = [("", lambda model: contextlib.nullcontext())]
     if settings.compile_fit:
-        out.append((", compiled layers", compiled_layers))
+        out.append((", compiled", compiled_fit))
     return out
 
 
@@ -272,7 +271,7 @@ def env_section(settings):
 
 def fit_section(name, cfg, model, settings):
     """One step on the same 8 x 256 batch: controller (all layers; top quarter) vs LoRA vs IA3,
-    each eager and (controller, LoRA) with the decoder layers compiled."""
+    each eager and (controller, LoRA) compiled."""
     dev = settings.device
     rows = synthetic_rows(settings.rows, settings, cfg["vocab_size"], 1)
     batch, row_ctrl = _pack([rows], [list(range(settings.rows))], 0)

@@ -72,6 +72,15 @@ CONFIGS = {
                          "retain_set": "benchmarks/tasks/retain_large.jsonl"},
     "kl50-all16-large": {**STRONG, "retain_kl": 50.0, "retain_tokens": "all", "retain_rows": 16,
                          "retain_set": "benchmarks/tasks/retain_large.jsonl"},
+    # + generic fact sentences (none in a probe's templates: generate.check_retain_apart)
+    "kl10-all16-facts": {**STRONG, "retain_kl": 10.0, "retain_tokens": "all", "retain_rows": 16,
+                         "retain_set": "benchmarks/tasks/retain_facts.jsonl"},
+    "kl20-all16-facts": {**STRONG, "retain_kl": 20.0, "retain_tokens": "all", "retain_rows": 16,
+                         "retain_set": "benchmarks/tasks/retain_facts.jsonl"},
+    "kl20-all32-facts": {**STRONG, "retain_kl": 20.0, "retain_tokens": "all", "retain_rows": 32,
+                         "retain_set": "benchmarks/tasks/retain_facts.jsonl"},
+    "kl20-all16-facts-lr3e-2": {**STRONG, "lr": 3e-2, "retain_kl": 20.0, "retain_tokens": "all", "retain_rows": 16,
+                                "retain_set": "benchmarks/tasks/retain_facts.jsonl"},
 }
 NOT_FIT_FIELDS = ("retain_set",)  # config keys the benchmark handles itself (a retain file other than the manifest's)
 MAIN_ARMS = ("ctrl-5000", "lora", "ia3", "ctrl-512", "ctrl-all", "random-5000")
@@ -257,7 +266,9 @@ def run(args) -> Path:
              for t in task_names}
     evals = {t: load_jsonl_examples(root / manifest["tasks"][t]["eval"], tok)[: args.eval_rows or None]
              for t in task_names}
-    unrelated = load_jsonl_examples(root / manifest["unrelated"], tok)[: args.eval_rows or None]
+    # interference probes, never trained on: {"unrelated": ..., "unrelated_b": ...} (b: newer manifests)
+    unrelated = {k: load_jsonl_examples(root / manifest[k], tok)[: args.eval_rows or None]
+                 for k in ("unrelated", "unrelated_b") if k in manifest}
     retain = load_jsonl_examples(root / manifest["retain"], tok)
     queries = {t: [json.loads(line).get("query", "")
                    for line in (root / manifest["tasks"][t]["eval"]).read_text().splitlines()] for t in task_names}
@@ -281,7 +292,8 @@ def run(args) -> Path:
     # --- base model
     if args.base:
         res = score_jobs(model, tok, [Job(("base", t), evals[t]) for t in main] +
-                         [Job(("base", "unrelated"), unrelated, exact=False, add_eos=False)], args.eval_batch)
+                         [Job(("base", k), rows, exact=False, add_eos=False) for k, rows in unrelated.items()],
+                         args.eval_batch)
         for (_, t), rows in res.items():
             record("base", t, rows)
         R.save()
@@ -341,14 +353,15 @@ def controller_arm(R, model, tok, name, main, task_names, train, evals, unrelate
     jobs, reports = [], {}
     for t in main:
         jobs += [Job((t,), evals[t], [(ctrls[t], 1.0)]),
-                 Job((t, "unrelated"), unrelated, [(ctrls[t], 1.0)], exact=False, add_eos=False)]
+                 *[Job((t, k), rows, [(ctrls[t], 1.0)], exact=False, add_eos=False) for k, rows in unrelated.items()]]
     for a, b in combinations(main, 2):
         for rule in args.rules:
             comp, reports[a, b, rule] = compose_rule([ctrls[a], ctrls[b]], rule)
             ex = rule == "sum"  # exact match for the default rule only
             jobs += [Job((a, b, rule, "a"), evals[a], [(comp, 1.0)], ex),
                      Job((a, b, rule, "b"), evals[b], [(comp, 1.0)], ex),
-                     Job((a, b, rule, "u"), unrelated, [(comp, 1.0)], exact=False, add_eos=False)]
+                     *[Job((a, b, rule, k), rows, [(comp, 1.0)], exact=False, add_eos=False)
+                       for k, rows in unrelated.items()]]
     t1 = time.perf_counter()
     res = score_jobs(model, tok, jobs, args.eval_batch)
     fit_info = {"seconds": seconds, "pack": len(fit_tasks), "seconds_per_controller": seconds / len(fit_tasks),
@@ -357,13 +370,14 @@ def controller_arm(R, model, tok, name, main, task_names, train, evals, unrelate
         c = ctrls[t]
         record(name, t, res[(t,)], **fit_info, gates=c.num_gates, stored_bytes=len(c.to_bytes("safetensors")),
                train_nll_after=c.meta["fit"]["train_nll_after"])
-        record(name, "unrelated", res[(t, "unrelated")], under=t, arm="controller")
+        for k in unrelated:
+            record(name, k, res[(t, k)], under=t, arm="controller")
     for (a, b, rule), rep in reports.items():
         pair = rep["pairs"][0]
         R.results["pairs"].append({"config": name, "rule": rule, "a": a, "b": b,
                                    "eval_a": summarise(res[(a, b, rule, "a")]),
                                    "eval_b": summarise(res[(a, b, rule, "b")]),
-                                   "unrelated": summarise(res[(a, b, rule, "u")]),
+                                   **{k: summarise(res[(a, b, rule, k)]) for k in unrelated},
                                    "clip_fraction": rep["clip_fraction"],
                                    "overlap": pair["overlap"], "jaccard": pair["jaccard"], "cosine": pair["cosine"],
                                    "opposing_sign_overlap": pair["opposing_sign_overlap"]})
@@ -380,13 +394,15 @@ def peft_arm(R, model, tok, method, main, train, evals, unrelated, args, record)
     for t in main:
         adapted, stats = fit_peft(model, tok, train[t], method, args.steps, args.batch_size, seed=args.seed,
                                   progress=not args.quiet)
-        res = score_jobs(adapted, tok, [Job(("own",), evals[t]), Job(("u",), unrelated, exact=False, add_eos=False)],
+        res = score_jobs(adapted, tok, [Job(("own",), evals[t]),
+                                        *[Job((k,), rows, exact=False, add_eos=False) for k, rows in unrelated.items()]],
                          args.eval_batch)
         del adapted
         record(method, t, res[("own",)], arm=method, pack=1, seconds_per_controller=stats["seconds"], **stats)
-        record(method, "unrelated", res[("u",)], under=t, arm=method)
+        e = R.results["evals"][-1]
+        for k in unrelated:
+            record(method, k, res[(k,)], under=t, arm=method)
         R.save()
-        e = R.results["evals"][-2]
         R.log(f"{method} {t}: {stats['seconds']:.1f}s nll {e['nll']:.4f} em {e['exact_match']:.2f}")
 
 

@@ -46,7 +46,7 @@ def merge(run_dirs) -> dict:
 def _index(results):
     ev = {}
     for e in results["evals"]:
-        if e["task"] != "unrelated":
+        if not e["task"].startswith("unrelated"):  # the probes (unrelated, unrelated_b) are not tasks
             ev[(e["config"], e["task"])] = e
     single_unrel = defaultdict(list)
     for e in results["evals"]:

@@ -8,6 +8,8 @@ chunk's gradient taken at once, so they never exist all at once.
 
 from __future__ import annotations
 
+import contextvars
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -80,6 +82,51 @@ def _hidden(model, batch: Batch) -> torch.Tensor:
                             use_cache=False).last_hidden_state  # (B, T, H)
 
 
+def _head_stats(logits, targets, need_grad: bool):
+    """(nll, correct, softmax - onehot or None) of one chunk of logits, in float32; eager: in place."""
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # (n, V)
+    lse = logits.logsumexp(-1)
+    nll = lse - logits.gather(1, targets[:, None]).squeeze(1)
+    correct = logits.argmax(-1) == targets
+    if not need_grad:
+        return nll, correct, None
+    p = logits.sub_(lse[:, None]).exp_()  # softmax, in place
+    p[torch.arange(len(targets), device=p.device), targets] -= 1
+    return nll, correct, p
+
+
+def _head_stats_fusable(logits, targets, need_grad: bool):
+    """The same numbers written for torch.compile: a fused pass or two over the chunk instead of
+    ~8, and softmax - onehot written straight in the logits' own dtype."""
+    dtype = logits.dtype
+    logits = logits.to(torch.promote_types(dtype, torch.float32))
+    lse = logits.logsumexp(-1)
+    nll = lse - logits.gather(1, targets[:, None]).squeeze(1)
+    correct = logits.argmax(-1) == targets
+    if not need_grad:
+        return nll, correct, None
+    onehot = torch.arange(logits.shape[1], device=logits.device)[None, :] == targets[:, None]
+    return nll, correct, ((logits - lse[:, None]).exp() - onehot.to(logits.dtype)).to(dtype)
+
+
+_HEAD_STATS = contextvars.ContextVar("head_stats", default=_head_stats)
+_COMPILED_HEAD_STATS: dict = {}  # compile options -> compiled _head_stats_fusable, made once per process
+
+
+@contextmanager
+def compiled_head_loss(**compile_kw):
+    """Within the block, the chunked head loss runs its element-wise math compiled (the first
+    call pays the compile)."""
+    key = tuple(sorted(compile_kw.items()))
+    if key not in _COMPILED_HEAD_STATS:
+        _COMPILED_HEAD_STATS[key] = torch.compile(_head_stats_fusable, dynamic=True, **compile_kw)
+    token = _HEAD_STATS.set(_COMPILED_HEAD_STATS[key])
+    try:
+        yield
+    finally:
+        _HEAD_STATS.reset(token)
+
+
 class _HeadNLL(torch.autograd.Function):
     """Per-token NLL (and argmax == target) of a frozen head on a chunk of hidden states.
 
@@ -89,14 +136,8 @@ class _HeadNLL(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, targets):
-        logits = F.linear(hidden, weight)
-        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # (n, V)
-        lse = logits.logsumexp(-1)
-        nll = lse - logits.gather(1, targets[:, None]).squeeze(1)
-        correct = logits.argmax(-1) == targets
-        if ctx.needs_input_grad[0]:
-            p = logits.sub_(lse[:, None]).exp_()  # softmax, in place
-            p[torch.arange(len(targets), device=p.device), targets] -= 1
+        nll, correct, p = _HEAD_STATS.get()(F.linear(hidden, weight), targets, ctx.needs_input_grad[0])
+        if p is not None:
             ctx.save_for_backward(p.to(weight.dtype) @ weight)  # (n, H)
         ctx.mark_non_differentiable(correct)
         return nll, correct

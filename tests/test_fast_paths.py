@@ -27,16 +27,21 @@ def test_fused_low_precision_gate_is_bit_identical(shape, precomputed):
     assert not torch.equal(out, h)  # the gate acted
 
 
-def test_chunked_head_loss_matches_plain_loss(tok, monkeypatch):
+@pytest.mark.parametrize("compiled", [False, True])
+def test_chunked_head_loss_matches_plain_loss(tok, monkeypatch, compiled):
     """Above LOGITS_CHUNK logits the loss goes chunk by chunk with the gradient made in forward:
-    same NLL, accuracy and gate gradients (float64: exact up to rounding)."""
+    same NLL, accuracy and gate gradients (float64: exact up to rounding), eager or compiled
+    (the compiled element-wise math of FitConfig.compile; aot_eager here: same graph, no codegen)."""
+    import contextlib
+
     model = tiny_model().double()
     batch = collate(encode_all(tok, [example_from_row(r) for r in arithmetic_rows(6)], 1024), tok.pad_token_id)
 
     def run(chunk):
         monkeypatch.setattr(objective, "LOGITS_CHUNK", chunk)
         s = torch.zeros(6, 2, 32, dtype=torch.float64, requires_grad=True)
-        with attach(model, RowGates([0, 1], s)):
+        ctx = objective.compiled_head_loss(backend="aot_eager") if compiled and chunk < 2**40 else contextlib.nullcontext()
+        with attach(model, RowGates([0, 1], s)), ctx:
             tl = objective.token_losses(model, batch)
         w = torch.rand(len(tl.nll), dtype=tl.nll.dtype, generator=torch.Generator().manual_seed(0))
         (tl.nll * w).sum().backward()  # any per-token upstream gradient, as group means give
@@ -50,6 +55,7 @@ def test_chunked_head_loss_matches_plain_loss(tok, monkeypatch):
     torch.testing.assert_close(g_chunked, g_plain, rtol=1e-10, atol=1e-12)
     with torch.no_grad():  # evaluation takes the same path without making gradients
         assert torch.equal(objective.token_losses(model, batch).correct, plain.correct)
+    assert not compiled or (("backend", "aot_eager"),) in objective._COMPILED_HEAD_STATS
 
 
 def test_backward_stops_below_the_lowest_gated_layer(tok):

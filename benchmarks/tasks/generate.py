@@ -215,6 +215,28 @@ ANTONYMS = [("hot", "cold"), ("big", "small"), ("up", "down"), ("fast", "slow"),
             ("begin", "end")]
 
 
+# A second probe in other forms (sequences, idioms): checks that what keeps the first probe
+# unharmed is not specific to its two sentence templates.
+SEQUENCES = [("Monday, Tuesday, Wednesday,", " Thursday."), ("one, two, three,", " four."),
+             ("January, February, March,", " April."), ("a, b, c,", " d."), ("spring, summer, autumn,", " winter."),
+             ("first, second, third,", " fourth."), ("red, orange, yellow,", " green."),
+             ("do, re, mi,", " fa."), ("ten, twenty, thirty,", " forty."), ("Friday, Saturday,", " Sunday."),
+             ("September, October, November,", " December."), ("five, six, seven,", " eight."),
+             ("alpha, beta, gamma,", " delta."), ("morning, noon, evening,", " night."),
+             ("2, 4, 6,", " 8."), ("x, y,", " z.")]
+IDIOMS = [("Once upon a", " time."), ("Happy birthday to", " you."), ("The early bird catches the", " worm."),
+          ("Practice makes", " perfect."), ("Better late than", " never."), ("Actions speak louder than", " words."),
+          ("An apple a day keeps the doctor", " away."), ("Every cloud has a silver", " lining."),
+          ("Curiosity killed the", " cat."), ("Don't judge a book by its", " cover."),
+          ("Laughter is the best", " medicine."), ("Rome was not built in a", " day."),
+          ("Two heads are better than", " one."), ("When in Rome, do as the Romans", " do."),
+          ("All that glitters is not", " gold."), ("Where there is a will, there is a", " way.")]
+
+
+def unrelated_b_rows() -> list[dict]:
+    return [{"prompt": p, "completion": c} for p, c in SEQUENCES + IDIOMS]
+
+
 def unrelated_rows() -> list[dict]:
     return ([{"prompt": f"The capital of {c} is", "completion": f" {cap}."} for c, cap in CAPITALS] +
             [{"prompt": f"The opposite of {w} is", "completion": f" {a}."} for w, a in ANTONYMS])
@@ -263,8 +285,10 @@ def generate(out: Path, seed: int = 0, n_train: int = 256, n_eval: int = 64) -> 
             "eval": f"{task.name}/eval.jsonl", "memory": {"id": task.name.replace("_", "-"), "text": task.memory,
                                                           "queries": task.queries}}
     files["unrelated/eval.jsonl"] = _jsonl(unrelated_rows())
+    files["unrelated_b/eval.jsonl"] = _jsonl(unrelated_b_rows())
     files["retain.jsonl"] = RETAIN.read_bytes()  # the library's default retain set, as fitting uses it
     manifest["unrelated"] = "unrelated/eval.jsonl"
+    manifest["unrelated_b"] = "unrelated_b/eval.jsonl"
     manifest["retain"] = "retain.jsonl"
     _check_probe_unseen(files)
     manifest["files"] = {}
@@ -281,10 +305,21 @@ def _check_probe_unseen(files: dict) -> None:
     """The interference probe and the retain set must not appear in any training file."""
     trained = {json.loads(l)["prompt"] for rel, d in files.items() if rel.endswith("train.jsonl")
                for l in d.decode().splitlines()}
-    for rel in ("unrelated/eval.jsonl", "retain.jsonl"):
+    for rel in ("unrelated/eval.jsonl", "unrelated_b/eval.jsonl", "retain.jsonl"):
         hit = [p for p in (json.loads(l)["prompt"] for l in files[rel].decode().splitlines()) if p and p in trained]
         if hit:
             raise ValueError(f"{rel} overlaps training prompts: {hit[:3]}")
+    check_retain_apart(files["retain.jsonl"].decode().splitlines(), "retain.jsonl")
+
+
+def check_retain_apart(retain_lines: list[str], name: str) -> None:
+    """A retain set must not contain a probe's prompts: the KL term would then train on the probe."""
+    text = [(r["prompt"] + r["completion"]).lower() for r in map(json.loads, retain_lines)]
+    probes = [r["prompt"].lower() for r in unrelated_rows() + unrelated_b_rows()]
+    hit = [p for p in probes if any(p in t for t in text)]
+    templates = [t for t in ("the capital of", "the opposite of") if any(t in x for x in text)]
+    if hit or templates:
+        raise ValueError(f"{name} contains probe prompts or templates: {(hit + templates)[:3]}")
 
 
 def load_manifest(path: str | Path, verify: bool = True) -> dict:
