@@ -73,6 +73,9 @@ CONFIGS = {
     "kl50-all16-large": {**STRONG, "retain_kl": 50.0, "retain_tokens": "all", "retain_rows": 16,
                          "retain_set": "benchmarks/tasks/retain_large.jsonl"},
     # + generic fact sentences (none in a probe's templates: generate.check_retain_apart)
+    "kl5-facts": {**STRONG, "retain_kl": 5.0, "retain_set": "benchmarks/tasks/retain_facts.jsonl"},
+    "kl5-all16-facts": {**STRONG, "retain_kl": 5.0, "retain_tokens": "all", "retain_rows": 16,
+                        "retain_set": "benchmarks/tasks/retain_facts.jsonl"},
     "kl10-all16-facts": {**STRONG, "retain_kl": 10.0, "retain_tokens": "all", "retain_rows": 16,
                          "retain_set": "benchmarks/tasks/retain_facts.jsonl"},
     "kl20-all16-facts": {**STRONG, "retain_kl": 20.0, "retain_tokens": "all", "retain_rows": 16,
