@@ -26,6 +26,7 @@ import torch
 from .controller import Controller
 from .data import encode_prompt, pad_id
 from .errors import ConfigError, ControllerError
+from .evaluate import Generation
 from .gates import RowGates, attach, controller_gates
 from .models import find_decoder_layers, hidden_size
 
@@ -109,6 +110,22 @@ class GenerationEngine:
         out = self.generate_ids(ids, gates, max_new_tokens, eos_token_id=eos)
         return tok.batch_decode(out, skip_special_tokens=True)
 
+    def generations(self, prompt_ids: Sequence[Sequence[int]], gates: RowGates | Controller | None = None,
+                    max_new_tokens: int | Sequence[int] = 128) -> list[Generation]:
+        """`evaluate.generate_rows`' results from the engine: one limit per prompt if given (the
+        batch runs to the largest; greedy decoding is causal, so a cut row equals a shorter run)."""
+        tok = self.tok
+        eos = tok.eos_token_id
+        limits = [max_new_tokens] * len(prompt_ids) if isinstance(max_new_tokens, int) else list(max_new_tokens)
+        ids = [list(p) or [tok.bos_token_id or eos] for p in prompt_ids]
+        out = []
+        for new, k in zip(self.generate_ids(ids, gates, max(limits, default=1), eos_token_id=eos), limits):
+            new = new[:k]
+            stopped = eos is not None and eos in new
+            n = new.index(eos) if stopped else len(new)
+            out.append(Generation(tok.decode(new[:n], skip_special_tokens=True), n, stopped))
+        return out
+
     @torch.no_grad()
     def generate_ids(self, prompt_ids: Sequence[Sequence[int]], gates: RowGates | Controller | None = None,
                      max_new_tokens: int = 128, eos_token_id: int | None = None) -> list[list[int]]:
@@ -116,6 +133,8 @@ class GenerationEngine:
         (or one shared row); None runs the base model. eos_token_id None: never stop early."""
         if isinstance(gates, Controller):
             gates = controller_gates(gates, self.device)
+        if gates is not None and not gates.layers:  # rows without controllers (row_gates of empty rows)
+            gates = None
         if gates is not None:
             self._check_gates(gates, len(prompt_ids))
         out: list[list[int]] = []

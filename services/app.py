@@ -15,7 +15,7 @@ import binascii
 import hashlib
 import logging
 import os
-from typing import Optional
+from typing import Literal, Optional
 
 from fastapi import Depends, FastAPI, Query, Request, Response
 from pydantic import BaseModel, ConfigDict, Field
@@ -56,6 +56,8 @@ class AppArgs(BaseModel):
     batch_wait_timeout_s: float = Field(0.01, ge=0, le=5)
     max_new_tokens: int = Field(512, ge=1, description="the largest max_new_tokens a request may ask for")
     max_prompt_tokens: int = Field(2048, ge=16)
+    engine: Literal["auto", "on", "off"] = Field(
+        "auto", description="greedy decoding through ntkmirror.engine (static KV cache, CUDA graphs): auto = on GPU")
     generate_timeout_s: float = Field(120, gt=0)
     max_body_bytes: int = Field(8 << 20, ge=1024)
     quotas: Quotas = Field(default_factory=Quotas)

@@ -68,10 +68,17 @@ class Generator:
         self.name = served_name(args)
         self.max_prompt_tokens = int(args.get("max_prompt_tokens", 2048))
         self.n_layers, self.hidden = len(find_decoder_layers(self.model)[1]), hidden_size(self.model)
-        self._batch.set_max_batch_size(int(args.get("max_batch_size", 8)))
+        self.max_batch = int(args.get("max_batch_size", 8))
+        self.max_new_tokens = int(args.get("max_new_tokens", 512))
+        self._batch.set_max_batch_size(self.max_batch)
         self._batch.set_batch_wait_timeout_s(float(args.get("batch_wait_timeout_s", 0.01)))
         self.sizes: collections.Counter[int] = collections.Counter()
         self._metrics = _batch_metrics()
+        # greedy batches on the GPU go through the static-cache, CUDA-graph engine (issue 8: 9x
+        # model.generate at batch 64); "on" forces it (e.g. on CPU, for tests), "off" never
+        self.engine_mode = str(args.get("engine", "auto"))
+        self._engine = None
+        self.engine_calls = 0
 
     def identity(self) -> dict:
         return {"model": self.name, "model_fingerprint": model_fingerprint(self.model), "n_layers": self.n_layers,
@@ -82,7 +89,7 @@ class Generator:
         return {"batches": n, "requests": sum(k * v for k, v in self.sizes.items()),
                 "max_batch_size": max(self.sizes, default=0),
                 "mean_batch_size": sum(k * v for k, v in self.sizes.items()) / n if n else 0.0,
-                "batch_sizes": {str(k): v for k, v in sorted(self.sizes.items())}}
+                "batch_sizes": {str(k): v for k, v in sorted(self.sizes.items())}, "engine_calls": self.engine_calls}
 
     @expected
     async def generate(self, task: GenTask) -> dict:
@@ -109,6 +116,16 @@ class Generator:
         self._metrics["seconds"].observe(time.perf_counter() - t0)
         return out
 
+    def engine(self):
+        """The generation engine, sized for this deployment's limits; built (and its graphs
+        captured) on first use."""
+        if self._engine is None:
+            from ntkmirror.engine import GenerationEngine
+
+            self._engine = GenerationEngine(self.model, self.tok, max_batch=self.max_batch,
+                                            max_seq_len=self.max_prompt_tokens + self.max_new_tokens)
+        return self._engine
+
     def _run(self, tasks: list[GenTask]) -> list[dict]:
         out: list[dict | None] = [None] * len(tasks)
         groups = collections.defaultdict(list)  # one generate call per sampling temperature
@@ -117,9 +134,13 @@ class Generator:
         device = next(self.model.parameters()).device
         for temperature, idx in groups.items():
             gates = row_gates([tasks[i].gates for i in idx], self.n_layers, self.hidden, device=device)
-            rows = generate_rows(self.model, self.tok, [tasks[i].prompt for i in idx], gates,
-                                 max_new_tokens=[tasks[i].max_new_tokens for i in idx], batch_size=len(idx),
-                                 temperature=temperature)
+            limits = [tasks[i].max_new_tokens for i in idx]
+            if temperature == 0 and self.engine_mode != "off" and (self.engine_mode == "on" or device.type == "cuda"):
+                rows = self.engine().generations([tasks[i]._ids for i in idx], gates, limits)
+                self.engine_calls += 1
+            else:
+                rows = generate_rows(self.model, self.tok, [tasks[i].prompt for i in idx], gates,
+                                     max_new_tokens=limits, batch_size=len(idx), temperature=temperature)
             for i, g in zip(idx, rows):
                 out[i] = {"text": g.text, "prompt_tokens": len(tasks[i]._ids), "completion_tokens": g.new_tokens,
                           "finish_reason": "stop" if g.stopped else "length"}

@@ -68,6 +68,15 @@ def bad_inputs(tmp_path):
     return d
 
 
+def test_fit_compile_flag_reaches_the_fit(tmp_path, capsys, tiny_model_dir, train_file):
+    """--compile sets FitConfig.compile (recorded in the controller); 0 steps: nothing to compile here."""
+    ctrl = tmp_path / "c.safetensors"
+    code, out, _ = run(capsys, "fit", "--model", tiny_model_dir, "--train", train_file, "--out", ctrl, *FAST,
+                       "--steps", "0", "--compile", "--json")
+    assert code == 0, out
+    assert Controller.load(ctrl).meta["fit"]["compile"] is True
+
+
 @pytest.mark.parametrize("case, extra, message, code", [
     ("malformed", [], "malformed.jsonl:2: malformed JSON", 2),
     ("schema", [], "schema.jsonl:1: unknown row schema", 2),

@@ -51,6 +51,29 @@ def test_engine_shared_controller_and_token_ids(tok):
     assert cut[0] == full[0][: full[0].index(stop) + 1]
 
 
+def test_engine_generations_match_generate_rows(tok):
+    """What the Serve generator returns per row (text, token count, stopped) through the engine
+    equals transformers' generate path, with one limit per row and an empty prompt."""
+    from ntkmirror.data import encode_prompt
+    from ntkmirror.evaluate import generate_rows
+
+    model = tiny_model(layers=2)
+    a, b, _ = controllers(model)
+    prompts = PROMPTS[:5] + [""]
+    rows = [[(a, 1.0)], [], [(b, 1.0)], [(a, -0.5), (b, 0.5)], [], [(a, 1.0)]]
+    gates = row_gates(rows, model.config.num_hidden_layers, model.config.hidden_size)
+    limits = [3, 12, 7, 1, 12, 5]
+    engine = GenerationEngine(model, tok, max_batch=8, max_seq_len=80)
+    got = engine.generations([encode_prompt(tok, p) for p in prompts], gates, limits)
+    want = generate_rows(model, tok, prompts, gates, max_new_tokens=limits, batch_size=len(prompts))
+    assert got == want
+    assert all(g.new_tokens == k or g.stopped for g, k in zip(got, limits))  # each row cut to its own limit
+    # a batch where no row has a controller (what the Serve generator builds then): the base model
+    empty = row_gates([[], []], model.config.num_hidden_layers, model.config.hidden_size)
+    ids = [encode_prompt(tok, p) for p in prompts[:2]]
+    assert engine.generations(ids, empty, 6) == generate_rows(model, tok, prompts[:2], None, max_new_tokens=6)
+
+
 def test_engine_rejects_bad_input(tok):
     model = tiny_model(layers=2)
     engine = GenerationEngine(model, tok, max_batch=2, max_seq_len=16)

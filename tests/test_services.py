@@ -84,8 +84,10 @@ def app(cluster, redis_server, tiny_model_dir):
 
     redis.Redis.from_url(redis_server).flushall()
     serve.start(http_options={"host": "127.0.0.1", "port": cluster["port"]})
+    # engine="on": greedy batches take the GPU path (ntkmirror.engine) here on CPU too; the other
+    # Serve apps of the suite (test_bad_inputs, test_faults) keep the default, transformers' generate
     args = AppArgs(model=str(tiny_model_dir), store=redis_server, max_batch_size=8, batch_wait_timeout_s=0.25,
-                   max_new_tokens=64, max_body_bytes=MAX_BODY, generate_timeout_s=60,
+                   max_new_tokens=64, max_body_bytes=MAX_BODY, generate_timeout_s=60, engine="on",
                    quotas=Quotas(max_memories=50, max_gates=4096, requests_per_minute=10_000))
     serve.run(build_app(args), name="ntkmirror", route_prefix="/")
     base = f"http://127.0.0.1:{cluster['port']}"
@@ -348,6 +350,7 @@ def test_concurrent_requests_batch_and_match_sequential(http, model_ref):
     alone = [send(body) for body in reqs]
     assert together == alone
     assert len(set(together[:5])) > 1, "different memories should change the text"
+    assert after["engine_calls"] > before["engine_calls"]  # greedy batches went through ntkmirror.engine
     new_batches = {int(k): v - before["batch_sizes"].get(k, 0) for k, v in after["batch_sizes"].items()}
     assert max(k for k, v in new_batches.items() if v > 0) > 1, new_batches
 
