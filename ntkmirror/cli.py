@@ -115,6 +115,11 @@ def fit(
     patience: int = FIT_OPTIONS["patience"], retain_kl: float = FIT_OPTIONS["retain_kl"],
     compile_fit: bool = typer.Option(False, "--compile", help="torch.compile the fit step (GPU: faster steps "
                                                                "after a one-off compile of ~10-60 s)"),
+    retain_file: Optional[Path] = typer.Option(None, "--retain-file", help="JSONL of text to keep close to the base "
+                                                                           "model (default: the bundled set)"),
+    retain_tokens: str = typer.Option("completion", "--retain-tokens", help="KL on the retain rows' completion "
+                                                                            "tokens or on all their tokens"),
+    retain_rows: int = typer.Option(4, "--retain-rows", help="retain rows per step"),
 ):
     """Fit a controller on teacher-forced examples and save it."""
     from .data import load_jsonl_examples
@@ -124,12 +129,14 @@ def fit(
 
     cfg = fit_config(gates, steps, lr, max_log_gate, layers, score_batches, batch_size, max_length, seed, score,
                      no_eos, eval_every, patience, retain_kl)
-    cfg.compile = compile_fit
+    cfg.compile, cfg.retain_tokens, cfg.retain_rows = compile_fit, retain_tokens, retain_rows
+    cfg.check()  # before the model loads
     m, tok = load(model, device, dtype, quiet=as_json)
     parse_layers(layers, len(find_decoder_layers(m)[1]))  # fail before any work
     train_ex = load_jsonl_examples(train, tok)
     val_ex = load_jsonl_examples(validation, tok) if validation else None
-    c = fit_controller(m, tok, train_ex, cfg, val_ex, progress=not as_json)
+    retain_ex = load_jsonl_examples(retain_file, tok) if retain_file else None
+    c = fit_controller(m, tok, train_ex, cfg, val_ex, progress=not as_json, retain=retain_ex)
     c.save(out_path)
     f = c.meta["fit"]
     emit({"out": str(out_path), "gates": c.num_gates, "bytes": out_path.stat().st_size, **f}, as_json,
