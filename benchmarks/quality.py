@@ -82,6 +82,10 @@ CONFIGS = {
                          "retain_set": "benchmarks/tasks/retain_facts.jsonl"},
     "kl20-all32-facts": {**STRONG, "retain_kl": 20.0, "retain_tokens": "all", "retain_rows": 32,
                          "retain_set": "benchmarks/tasks/retain_facts.jsonl"},
+    # the model's own sampled text as the retain set (128 samples of 48 tokens from generic openers)
+    "kl5-all16-self": {**STRONG, "retain_kl": 5.0, "retain_tokens": "all", "retain_rows": 16, "retain_set": "sampled:128"},
+    "kl10-all16-self": {**STRONG, "retain_kl": 10.0, "retain_tokens": "all", "retain_rows": 16, "retain_set": "sampled:128"},
+    "kl20-all16-self": {**STRONG, "retain_kl": 20.0, "retain_tokens": "all", "retain_rows": 16, "retain_set": "sampled:128"},
     "kl20-all16-facts-lr3e-2": {**STRONG, "lr": 3e-2, "retain_kl": 20.0, "retain_tokens": "all", "retain_rows": 16,
                                 "retain_set": "benchmarks/tasks/retain_facts.jsonl"},
 }
@@ -228,9 +232,23 @@ def fit_config(overrides: dict, args, n_all: int) -> FitConfig:
     return FitConfig(**{**asdict(cfg), **kw})
 
 
-def config_retain(name: str, retain: list, tok) -> list:
-    """The retain examples a config fits with: the manifest's, or its own `retain_set` file."""
+def config_retain(name: str, retain: list, tok, model=None) -> list:
+    """The retain examples a config fits with: the manifest's, its own `retain_set` file, or
+    `sampled:N`: N texts the model writes itself (ntkmirror.evaluate.sampled_retain_examples)."""
     path = CONFIGS.get(name, {}).get("retain_set")
+    if path and path.startswith("sampled:"):
+        from ntkmirror.evaluate import sampled_retain_examples
+
+        from .tasks.generate import check_retain_apart
+
+        def apart(ex):  # a sample that happens to hold a probe's prompt or template is dropped
+            try:
+                check_retain_apart([json.dumps(ex.to_dict())], "sampled")
+                return True
+            except ValueError:
+                return False
+
+        return [ex for ex in sampled_retain_examples(model, tok, n=int(path.split(":")[1])) if apart(ex)]
     return load_jsonl_examples(Path(__file__).resolve().parents[1] / path, tok) if path else retain
 
 
@@ -331,7 +349,7 @@ def run(args) -> Path:
             cfg = fit_config(CONFIGS[best], args, n_all)
             rest = [t for t in task_names if t not in ctrls]
             more = fit_controllers(model, tok, [train[t] for t in rest], cfg, progress=not args.quiet,
-                                   retain=config_retain(best, retain, tok) if cfg.retain_kl > 0 else None)
+                                   retain=config_retain(best, retain, tok, model) if cfg.retain_kl > 0 else None)
             ctrls = {t: ctrls.get(t) or more[rest.index(t)] for t in task_names}
         memory_stage(R, model, tok, best, ctrls, evals, queries, manifest, args)
     R.results["meta"]["seconds"] = time.perf_counter() - R.t0
@@ -349,7 +367,7 @@ def controller_arm(R, model, tok, name, main, task_names, train, evals, unrelate
     mem0 = _peak_reset(device)
     t0 = time.perf_counter()
     ctrls = fit_controllers(model, tok, [train[t] for t in fit_tasks], cfg, progress=not args.quiet,
-                            retain=config_retain(name, retain, tok) if cfg.retain_kl > 0 else None)
+                            retain=config_retain(name, retain, tok, model) if cfg.retain_kl > 0 else None)
     seconds = time.perf_counter() - t0
     peak, adapt = _peak(device, mem0)
     ctrls = dict(zip(fit_tasks, ctrls))

@@ -122,3 +122,24 @@ def evaluate(model, tokenizer, examples: Sequence[Example], gates: RowGates | Co
         gens = generate(model, tokenizer, [e.prompt for e in examples], gates, max_new_tokens, batch_size)
         out["exact_match"] = sum(exact_match(g, e.completion) for g, e in zip(gens, examples)) / len(examples)
     return out
+
+
+# Openers for sampled_retain_examples: many genres, so the samples spread over what the model writes.
+RETAIN_OPENERS = ("The", "Once", "In the morning,", "My favourite", "Scientists", "Yesterday", "Here is", "How to",
+                  "Dear", "I think", "When", "Today", "It was", "There are", "One of the", "If you",
+                  "Question: Why", "Step 1:", "Note:", "We", "After the", "According to", "Many people",
+                  "This recipe", "The history of", "In 1990,", "Please", "She said", "def", "A good",
+                  "Welcome to", "Chapter 1")
+
+
+def sampled_retain_examples(model, tokenizer, n: int = 128, max_new_tokens: int = 48, temperature: float = 1.0,
+                            seed: int = 0, batch_size: int = 32) -> list[Example]:
+    """Text the model itself writes from generic openers (sampled, seeded): a retain set that covers
+    the model's own typical output, for FitConfig.retain_kl with retain_tokens="all" (the KL then
+    holds the controller to the base model wherever the base model is at home; cf. the random
+    prefixes that model-editing methods use for the same purpose)."""
+    prompts = [RETAIN_OPENERS[i % len(RETAIN_OPENERS)] for i in range(n)]
+    rows = generate_rows(model, tokenizer, prompts, None, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                         temperature=temperature, seed=seed)
+    return [Example(p, g.text if g.text.startswith(" ") else " " + g.text.strip(), f"sampled:{i}")
+            for i, (p, g) in enumerate(zip(prompts, rows)) if g.text.strip()]

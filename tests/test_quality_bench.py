@@ -144,3 +144,19 @@ def test_retain_kl_on_all_tokens_covers_the_prompt(model, tok):
     assert _retain_kl(model, tok, everywhere, whole) < 0.85 * _retain_kl(model, tok, completion, whole)  # measured 0.72
     with pytest.raises(Exception, match="retain_tokens"):
         FitConfig(retain_tokens="prompt").check()
+
+
+def test_sampled_retain_examples_are_seeded_model_text(model, tok):
+    """The model's own samples as a retain set: seeded (same seed, same texts), from the openers,
+    and usable as a fit's retain set."""
+    from ntkmirror.evaluate import RETAIN_OPENERS, sampled_retain_examples
+
+    a = sampled_retain_examples(model, tok, n=6, max_new_tokens=8, seed=3, batch_size=4)
+    b = sampled_retain_examples(model, tok, n=6, max_new_tokens=8, seed=3, batch_size=4)
+    c = sampled_retain_examples(model, tok, n=6, max_new_tokens=8, seed=4, batch_size=4)
+    assert a == b and a != c and 0 < len(a) <= 6
+    assert all(ex.prompt in RETAIN_OPENERS and ex.completion.strip() for ex in a)
+    train = [Example(**r) for r in arithmetic_rows(8)]
+    cfg = FitConfig(gates=16, steps=2, batch_size=4, score_batches=1, retain_kl=1.0, retain_tokens="all")
+    ctrl = fit_controllers(model, tok, [train], cfg, progress=False, retain=a)[0]
+    assert ctrl.meta["fit"]["retain_examples"] == len(a)
