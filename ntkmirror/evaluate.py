@@ -57,11 +57,20 @@ class Generation:
     stopped: bool  # ended on EOS (else it ran to its max_new_tokens)
 
 
+# Temperatures at or below this decode greedily: sampling at T -> 0 is greedy decoding, and logits / T
+# overflow float32 for T near the smallest doubles (found by schemathesis: T = 2.2e-311 crashed a request).
+GREEDY_BELOW = 1e-4
+
+
+def is_greedy(temperature: float) -> bool:
+    return not temperature > GREEDY_BELOW  # NaN counts as greedy too
+
+
 @torch.no_grad()
 def generate_rows(model, tokenizer, prompts: Sequence[str], gates: RowGates | Controller | None = None,
                   max_new_tokens: int | Sequence[int] = 128, batch_size: int = 8, temperature: float = 0.0,
                   seed: int | None = None) -> list[Generation]:
-    """Continue each prompt (greedy unless temperature > 0), with token counts.
+    """Continue each prompt (greedy unless temperature > GREEDY_BELOW), with token counts.
 
     `max_new_tokens` may be one limit per prompt: a batch runs to its largest limit and each
     row is cut to its own (greedy decoding is causal, so the cut row equals a shorter run).
@@ -78,7 +87,7 @@ def generate_rows(model, tokenizer, prompts: Sequence[str], gates: RowGates | Co
         T = max(map(len, ids))
         input_ids = torch.tensor([[pad] * (T - len(x)) + x for x in ids], device=device)
         mask = torch.tensor([[0] * (T - len(x)) + [1] * len(x) for x in ids], device=device)
-        sample = {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}
+        sample = {"do_sample": False} if is_greedy(temperature) else {"do_sample": True, "temperature": temperature}
         with attach(model, _slice(gates, lo, lo + len(ids))):
             out = model.generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=max(lim),
                                  pad_token_id=pad, eos_token_id=eos, top_p=None, top_k=None, **sample)

@@ -18,7 +18,7 @@ from ray import serve
 from ntkmirror.controller import Controller
 from ntkmirror.data import encode_prompt
 from ntkmirror.errors import DataError
-from ntkmirror.evaluate import generate_rows
+from ntkmirror.evaluate import generate_rows, is_greedy
 from ntkmirror.gates import row_gates
 from ntkmirror.models import DEFAULT_MODEL_NAME, find_decoder_layers, hidden_size, model_fingerprint
 
@@ -130,7 +130,7 @@ class Generator:
         out: list[dict | None] = [None] * len(tasks)
         groups = collections.defaultdict(list)  # one generate call per sampling temperature
         for i, t in enumerate(tasks):
-            groups[t.temperature].append(i)
+            groups[0.0 if is_greedy(t.temperature) else t.temperature].append(i)
         device = next(self.model.parameters()).device
         for temperature, idx in groups.items():
             gates = row_gates([tasks[i].gates for i in idx], self.n_layers, self.hidden, device=device)

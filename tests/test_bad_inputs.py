@@ -795,6 +795,19 @@ def test_quotas_on_fits_and_per_tenant(http):
     COUNTS["quota"] += 3
 
 
+@pytest.mark.ray
+def test_tiny_temperatures_decode_greedily(http):
+    """Found by schemathesis: temperature 2.2e-311 (a denormal, so > 0) overflowed logits / T and
+    answered 500. Temperatures at or below evaluate.GREEDY_BELOW now decode greedily."""
+    h = new_tenant(http, "tiny-temperature")
+    body = {"prompt": "Question: 12 + 30 = ?\nAnswer:", "top_k": 0, "max_new_tokens": 4}
+    greedy = http.post("/v1/generate", headers=h, json={**body, "temperature": 0.0})
+    assert greedy.status_code == 200, greedy.text
+    for t in (2.225073858507e-311, 1e-300, 1e-5):
+        r = http.post("/v1/generate", headers=h, json={**body, "temperature": t})
+        assert r.status_code == 200 and r.json()["text"] == greedy.json()["text"], (t, r.text)
+
+
 SCHEMATHESIS_EXAMPLES = int(os.environ.get("NTKMIRROR_SCHEMATHESIS_EXAMPLES", "12"))
 
 
