@@ -125,7 +125,7 @@ class Replica:
             if len(self._controllers) > 256:
                 self._controllers.popitem(last=False)
         self._controllers.move_to_end(key)
-        return c.check_model(self.model, allow_model_mismatch)
+        return c.check_model(self.model, allow_model_mismatch, self.tok)
 
     def evaluate(self, examples: Sequence[dict], controller: bytes | None = None, allow_model_mismatch: bool = False,
                  **kw) -> dict:

@@ -335,7 +335,7 @@ def generate(prompt: str = typer.Option(..., "--prompt"),
         rows = _selected(s, tenant, query or prompt, None, None, top_k, _tags(tags), fusion, min_score)
     m, tok = load(model, device, dtype, quiet=as_json)
     for _, c, _ in rows:
-        c.check_model(m, allow_model_mismatch)
+        c.check_model(m, allow_model_mismatch, tok)
     gates = _row_gates(m, [[(c, w) for _, c, w in rows]]) if rows else None
     text = gen(m, tok, [prompt], gates, max_new_tokens, temperature=temperature)[0]
     data = {"prompt": prompt, "text": text, "hits": [h for h, _, _ in rows],
@@ -380,7 +380,7 @@ def eval_cmd(eval_path: Path = typer.Option(..., "--eval", help="evaluation JSON
             for h in hits:
                 key = (h.item.id, h.item.version)
                 if key not in cache:
-                    cache[key] = s.get_controller(tenant, *key).check_model(m, allow_model_mismatch)
+                    cache[key] = s.get_controller(tenant, *key).check_model(m, allow_model_mismatch, tok)
                 row.append((cache[key], h.weight))
                 used[h.item.id] += 1
             per_row.append(row)

@@ -154,10 +154,10 @@ def _metrics_table(title: str, rows: dict) -> Table:
     return t
 
 
-def load_controller(path: Path, m, allow_mismatch: bool):
+def load_controller(path: Path, m, allow_mismatch: bool, tok=None):
     from .controller import Controller
 
-    return Controller.load(path).check_model(m, allow_mismatch)
+    return Controller.load(path).check_model(m, allow_mismatch, tok)
 
 
 @app.command("eval")
@@ -178,7 +178,7 @@ def eval_cmd(
     from .evaluate import evaluate
 
     m, tok = load(model, device, dtype, quiet=as_json)
-    c = load_controller(controller, m, allow_model_mismatch)
+    c = load_controller(controller, m, allow_model_mismatch, tok)
     exs = load_jsonl_examples(eval_path, tok)
     kw = dict(batch_size=batch_size, max_length=max_length, max_new_tokens=max_new_tokens, exact=not no_exact,
               add_eos=not no_eos)
@@ -202,7 +202,7 @@ def generate(
 
     prompt = prompt.encode().decode("unicode_escape") if "\\n" in prompt else prompt
     m, tok = load(model, device, dtype, quiet=as_json)
-    c = load_controller(controller, m, allow_model_mismatch) if controller else None
+    c = load_controller(controller, m, allow_model_mismatch, tok) if controller else None
     text = gen(m, tok, [prompt], c, max_new_tokens, temperature=temperature)[0]
     emit({"prompt": prompt, "text": text, "controller": str(controller) if controller else None}, as_json,
          lambda d: out.print((d["prompt"] if full else "") + d["text"], markup=False, highlight=False))

@@ -102,9 +102,10 @@ class Controller:
             raise ControllerError("duplicate (layer, channel) gates")
         return self
 
-    def check_model(self, model, allow_model_mismatch: bool = False) -> "Controller":
-        """Refuse to attach to a model with other weights or shape, unless explicitly allowed."""
-        from .models import find_decoder_layers, hidden_size, model_fingerprint
+    def check_model(self, model, allow_model_mismatch: bool = False, tokenizer=None) -> "Controller":
+        """Refuse to attach to a model with other weights or shape (or, given the tokenizer, one
+        whose vocabulary or special tokens differ from the fit's), unless explicitly allowed."""
+        from .models import find_decoder_layers, hidden_size, model_fingerprint, tokenizer_fingerprint
 
         n_layers = len(find_decoder_layers(model)[1])
         if (self.n_layers, self.hidden_size) != (n_layers, hidden_size(model)):
@@ -117,6 +118,14 @@ class Controller:
                 f"controller was fitted on another model (fingerprint {want} from "
                 f"{self.meta.get('model_name')!r}, this model is {have}); "
                 "pass --allow-model-mismatch / allow_model_mismatch=True to attach anyway")
+        want = self.meta.get("tokenizer_fingerprint")  # absent in controllers made before it was recorded
+        if tokenizer is not None and want and not allow_model_mismatch:
+            have = tokenizer_fingerprint(tokenizer)
+            if want != have:
+                raise ModelMismatchError(
+                    f"controller was fitted with another tokenizer (fingerprint {want}, EOS id "
+                    f"{self.meta.get('eos_token_id')}; this one is {have}, EOS id {tokenizer.eos_token_id}); "
+                    "pass --allow-model-mismatch / allow_model_mismatch=True to attach anyway")
         return self
 
     # ------------------------------------------------------------ files
@@ -219,10 +228,13 @@ class Controller:
         return replace(self, meta={**self.meta, **meta})
 
 
-def new_meta(model, **extra) -> dict:
-    """Identity metadata stamped on every controller made for `model`."""
-    from .models import HOOK_SITE, find_decoder_layers, model_fingerprint, model_name
+def new_meta(model, tokenizer=None, **extra) -> dict:
+    """Identity metadata stamped on every controller made for `model` (and `tokenizer`)."""
+    from .models import HOOK_SITE, find_decoder_layers, model_fingerprint, model_name, tokenizer_fingerprint
 
+    if tokenizer is not None:
+        extra = {"tokenizer_fingerprint": tokenizer_fingerprint(tokenizer), "eos_token_id": tokenizer.eos_token_id,
+                 **extra}
     return {"model_name": model_name(model),
             "model_revision": str(getattr(model.config, "_commit_hash", None) or ""),
             "model_fingerprint": model_fingerprint(model),

@@ -471,7 +471,7 @@ def fit_dual(model, tokenizer, train: Sequence[Example], config: FitDualConfig |
     seconds = time.perf_counter() - t0
     fit_stats = {**asdict(cfg), "method": "fit-dual", "steps_run": len(steps), "train_nll_before": nll_before,
                  "train_nll_after": nll_after, "seconds": seconds, "n_examples": len(train)}
-    controller = basis.controller(s, {**new_meta(model), "fit": fit_stats, "data_hash": data_hash(train)})
+    controller = basis.controller(s, {**new_meta(model, tokenizer), "fit": fit_stats, "data_hash": data_hash(train)})
     report = {"gates": basis.size, "gate_layers": basis.layers, "train_nll_before": nll_before,
               "train_nll_after": nll_after, "seconds": seconds, "steps": steps}
     return controller, report

@@ -79,7 +79,7 @@ def register(app) -> None:
         cfg = config(DualConfig, projection, top_k, eta, jvp_mode, metric, ridge, cg_iters, cg_tol, param_filter,
                      probes, gates, layers, max_log_gate, score, score_batches, batch_size, max_length, seed, no_eos)
         m, tok = load(model, device, dtype, quiet=as_json)
-        c = load_controller(controller, m, allow_model_mismatch) if controller else None
+        c = load_controller(controller, m, allow_model_mismatch, tok) if controller else None
         sup = load_jsonl_examples(support, tok)
         cal = load_jsonl_examples(calibration, tok) if calibration else None
         rep = dual_diagnose(m, tok, sup, cal, c, cfg, progress=not as_json)
@@ -163,7 +163,7 @@ def register(app) -> None:
         cfg = SecantConfig(projection=projection, top_k=top_k, fractions=fr, jvp_mode=jvp_mode,
                            batch_size=batch_size, max_length=max_length, add_eos=not no_eos).validate()
         m, tok = load(model, device, dtype, quiet=as_json)
-        c = load_controller(controller, m, allow_model_mismatch)
+        c = load_controller(controller, m, allow_model_mismatch, tok)
         rep = secant_check(m, tok, c, load_jsonl_examples(eval_path, tok), cfg)
         rep["controller_path"] = str(controller)
         _write_json(out_path, rep)

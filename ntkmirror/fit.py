@@ -262,7 +262,7 @@ def fit_controllers(model, tokenizer, datasets: Sequence[Sequence[Example]], con
     nll_after = packed_nll(model, stats_sets, gates, pad)
     seconds = time.perf_counter() - t0
 
-    base = new_meta(model)
+    base = new_meta(model, tokenizer)
     out = []
     for c in range(C):
         fit_stats = {**asdict(cfg), "steps_run": steps_run, "train_nll_before": nll_before[c],

@@ -197,6 +197,25 @@ _VOLATILE_CONFIG_KEYS = {"_name_or_path", "name_or_path", "torch_dtype", "dtype"
                          "architectures"}
 
 
+def tokenizer_fingerprint(tokenizer) -> str:
+    """Hash of what decides a controller's training targets: the vocabulary and the EOS / BOS ids
+    (EOS above all: fitting appends it; padding is masked, so the pad id is left out). Two
+    transformers versions gave the embedded GGUF's tokenizer different EOS ids; controllers fitted
+    under one learned the wrong stop token for the other. Cached on the tokenizer object."""
+    specials = {k: getattr(tokenizer, k, None) for k in ("eos_token_id", "bos_token_id")}
+    key = (specials["eos_token_id"], specials["bos_token_id"], len(tokenizer))  # a changed EOS invalidates
+    cached = getattr(tokenizer, "_ntkmirror_fingerprint", None)
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    h = hashlib.sha256(json.dumps([sorted(tokenizer.get_vocab().items()), specials], sort_keys=True).encode())
+    fp = h.hexdigest()[:16]
+    try:
+        tokenizer._ntkmirror_fingerprint = (key, fp)
+    except AttributeError:  # tokenizers that refuse new attributes: just recompute next time
+        pass
+    return fp
+
+
 def model_fingerprint(model, samples_per_tensor: int = 256) -> str:
     """Hash of the config and of weight values sampled from a few tensors.
 

@@ -37,7 +37,7 @@ class ForwardFineTuner:
             raise ConfigError(f"unknown ForwardFineTuner option(s): {sorted(unknown)}")
         self.model, self.tokenizer = model, tokenizer
         self.config = FitConfig(gates=gates, **config)
-        self.controller = controller.check_model(model) if controller is not None else None
+        self.controller = controller.check_model(model, tokenizer=tokenizer) if controller is not None else None
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token
         model.requires_grad_(False)
@@ -57,7 +57,7 @@ class ForwardFineTuner:
         return self._require().save(path)
 
     def load(self, path: str | Path, allow_model_mismatch: bool = False) -> Controller:
-        self.controller = Controller.load(path).check_model(self.model, allow_model_mismatch)
+        self.controller = Controller.load(path).check_model(self.model, allow_model_mismatch, self.tokenizer)
         return self.controller
 
     def attached(self):

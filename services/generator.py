@@ -20,7 +20,8 @@ from ntkmirror.data import encode_prompt
 from ntkmirror.errors import DataError
 from ntkmirror.evaluate import generate_rows, is_greedy
 from ntkmirror.gates import row_gates
-from ntkmirror.models import DEFAULT_MODEL_NAME, find_decoder_layers, hidden_size, model_fingerprint
+from ntkmirror.models import (DEFAULT_MODEL_NAME, find_decoder_layers, hidden_size, model_fingerprint,
+                              tokenizer_fingerprint)
 
 from .http import expected
 from .retrieval import check_identity
@@ -82,7 +83,7 @@ class Generator:
 
     def identity(self) -> dict:
         return {"model": self.name, "model_fingerprint": model_fingerprint(self.model), "n_layers": self.n_layers,
-                "hidden_size": self.hidden}
+                "hidden_size": self.hidden, "tokenizer_fingerprint": tokenizer_fingerprint(self.tok)}
 
     def stats(self) -> dict:
         n = sum(self.sizes.values())

@@ -33,7 +33,8 @@ def visible(item: MemoryItem, user: str | None) -> bool:
 
 
 def check_identity(controller: Controller, identity: dict, allow_model_mismatch: bool) -> None:
-    """The served model's shape always; its fingerprint unless the caller allows a mismatch."""
+    """The served model's shape always; its fingerprint (and tokenizer's, where the controller
+    recorded one) unless the caller allows a mismatch."""
     shape = (controller.n_layers, controller.hidden_size)
     if shape != (identity["n_layers"], identity["hidden_size"]):
         raise ModelMismatchError(f"controller is for {shape[0]} layers x {shape[1]} channels, the served model "
@@ -41,6 +42,10 @@ def check_identity(controller: Controller, identity: dict, allow_model_mismatch:
     if controller.meta.get("model_fingerprint") != identity["model_fingerprint"] and not allow_model_mismatch:
         raise ModelMismatchError(f"controller was fitted on another model ({controller.meta.get('model_name')!r}); "
                                  "set allow_model_mismatch to register it anyway")
+    want = controller.meta.get("tokenizer_fingerprint")
+    if want and identity.get("tokenizer_fingerprint") not in (None, want) and not allow_model_mismatch:
+        raise ModelMismatchError(f"controller was fitted with another tokenizer (EOS id {controller.meta.get('eos_token_id')}"
+                                 "); set allow_model_mismatch to register it anyway")
 
 
 @serve.deployment(max_ongoing_requests=128, ray_actor_options={"num_cpus": 0})

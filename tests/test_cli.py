@@ -77,6 +77,27 @@ def test_fit_compile_flag_reaches_the_fit(tmp_path, capsys, tiny_model_dir, trai
     assert Controller.load(ctrl).meta["fit"]["compile"] is True
 
 
+def test_controller_from_another_tokenizer_is_refused(tmp_path, capsys, tiny_model_dir, train_file, eval_file):
+    """Same weights, a tokenizer with another EOS (as two transformers versions gave the embedded
+    GGUF): eval exits 1 naming the tokenizer; --allow-model-mismatch attaches anyway."""
+    import copy
+    import shutil
+
+    from tiny import tiny_tokenizer
+
+    ctrl = tmp_path / "c.safetensors"
+    assert run(capsys, "fit", "--model", tiny_model_dir, "--train", train_file, "--out", ctrl, *FAST, "--json")[0] == 0
+    other = shutil.copytree(tiny_model_dir, tmp_path / "other-tok")
+    tok = copy.deepcopy(tiny_tokenizer())  # the shared (cached) tokenizer stays as it is
+    tok.eos_token = "<|im_end|>"
+    tok.save_pretrained(other)
+    args = ("eval", "--controller", ctrl, "--eval", eval_file, "--max-new-tokens", "2", "--json")
+    code, _, err = run(capsys, *args, "--model", other)
+    assert code != 0 and "another tokenizer" in err
+    assert run(capsys, *args, "--model", other, "--allow-model-mismatch")[0] == 0
+    assert run(capsys, *args, "--model", tiny_model_dir)[0] == 0
+
+
 def test_fit_retain_options(tmp_path, capsys, tiny_model_dir, train_file):
     """--retain-file/--retain-tokens/--retain-rows reach the fit; bad values exit 1 with the place."""
     retain = tmp_path / "retain.jsonl"

@@ -107,6 +107,36 @@ def test_fingerprint_mismatch_refused_unless_allowed(tmp_path, model, tok):
         ForwardFineTuner(other, tok).load(path)
 
 
+def test_tokenizer_mismatch_refused_unless_allowed(tmp_path, model, tok):
+    """A fit records the tokenizer (vocabulary, EOS, BOS); attaching under a tokenizer with another
+    EOS is refused (the controller learned to stop with a different token), here and over the CLI."""
+    import copy
+
+    from ntkmirror import FitConfig, fit_controller
+    from ntkmirror.data import example_from_row
+    from ntkmirror.models import tokenizer_fingerprint
+    from tiny import arithmetic_rows
+
+    c = fit_controller(model, tok, [example_from_row(r) for r in arithmetic_rows(8)],
+                       FitConfig(gates=8, steps=1, batch_size=4, score_batches=1, retain_kl=0.0), progress=False)
+    assert c.meta["tokenizer_fingerprint"] == tokenizer_fingerprint(tok) and c.meta["eos_token_id"] == tok.eos_token_id
+    assert c.check_model(model, tokenizer=tok) is c
+    other = copy.deepcopy(tok)
+    other.eos_token = "<|im_end|>"  # same vocabulary, another stop token: the cached fingerprint must not stick
+    assert other.eos_token_id != tok.eos_token_id and tokenizer_fingerprint(other) != tokenizer_fingerprint(tok)
+    with pytest.raises(ModelMismatchError, match="another tokenizer"):
+        c.check_model(model, tokenizer=other)
+    assert c.check_model(model, allow_model_mismatch=True, tokenizer=other) is c
+    assert c.check_model(model) is c  # no tokenizer given: the weights decide
+    legacy = Controller(c.layer, c.channel, c.raw, c.max_log_gate, c.n_layers, c.hidden_size,
+                        {k: v for k, v in c.meta.items() if k != "tokenizer_fingerprint"})
+    assert legacy.check_model(model, tokenizer=other) is legacy  # made before the field existed
+    path = c.save(tmp_path / "c.safetensors")
+    with pytest.raises(ModelMismatchError, match="another tokenizer"):
+        ForwardFineTuner(model, other).load(path)
+    assert Controller.load(path).meta["tokenizer_fingerprint"] == c.meta["tokenizer_fingerprint"]
+
+
 def test_fingerprint_is_dtype_independent(model):
     from ntkmirror.models import model_fingerprint
 
