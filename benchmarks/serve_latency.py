@@ -107,6 +107,7 @@ def main() -> None:
                     help="torch threads in the generator replica (on a busy host 2 threads ran 10-20x slower than 1)")
     ap.add_argument("--model", default=None, help="default: the embedded SmolLM2-135M-Instruct")
     ap.add_argument("--store", default=None, help="default: a fresh temporary local store")
+    ap.add_argument("--gpus", type=float, default=None, help="GPUs per generator/fitter replica (ntkmirror serve --gpus)")
     ap.add_argument("--out", default="runs/bench/serve_latency.json")
     args = ap.parse_args()
 
@@ -115,7 +116,8 @@ def main() -> None:
     tmp = tempfile.mkdtemp(prefix="ntk-serve-bench-")
     store = args.store or str(Path(tmp) / "store")
     serve_args = ["--store", store, "--max-batch-size", str(args.max_batch_size), "--batch-wait-ms",
-                  str(args.batch_wait_ms), "--threads", str(args.threads)] + (["--model", args.model] if args.model else [])
+                  str(args.batch_wait_ms), "--threads", str(args.threads)] + (["--model", args.model] if args.model else []) \
+        + (["--gpus", str(args.gpus)] if args.gpus is not None else [])
     with running_serve(serve_args, admin_key, Path(tmp) / "serve.log") as (base, startup):
         httpx.post(f"{base}/v1/admin/tenants", headers=admin, json={"tenant": "bench"}).raise_for_status()
         key = httpx.post(f"{base}/v1/admin/tenants/bench/keys", headers=admin, json={}).json()["key"]
@@ -136,11 +138,12 @@ def main() -> None:
                    json={"prompt": "Hello", "query": TOPICS[0], "max_new_tokens": 4}).raise_for_status()
         levels = [run_level(base, headers, admin, c, args.requests, args.seconds, args.max_new_tokens)
                   for c in args.clients]
+        device = httpx.get(f"{base}/v1/admin/stats", headers=admin).json().get("device", "?")
 
     import torch
 
     res = {"what": "POST /v1/generate end to end (retrieve top 2 + compose + greedy generate), loopback",
-           "model": args.model or "embedded SmolLM2-135M-Instruct", "device": "cpu", "cpus": os.cpu_count(),
+           "model": args.model or "embedded SmolLM2-135M-Instruct", "device": device, "cpus": os.cpu_count(),
            "cpu": platform.processor() or platform.machine(), "torch": torch.__version__,
            "torch_threads": args.threads, "max_new_tokens": args.max_new_tokens,
            "max_batch_size": args.max_batch_size, "batch_wait_ms": args.batch_wait_ms,

@@ -56,6 +56,8 @@ class AppArgs(BaseModel):
     batch_wait_timeout_s: float = Field(0.01, ge=0, le=5)
     max_new_tokens: int = Field(512, ge=1, description="the largest max_new_tokens a request may ask for")
     max_prompt_tokens: int = Field(2048, ge=16)
+    num_gpus: float = Field(0, ge=0, le=8, description="GPUs per Generator and per Fitter replica (0: CPU; "
+                                                        "0.5 puts both on one GPU); a YAML's ray_actor_options win")
     engine: Literal["auto", "on", "off"] = Field(
         "auto", description="greedy decoding through ntkmirror.engine (static KV cache, CUDA graphs): auto = on GPU")
     generate_timeout_s: float = Field(120, gt=0)
@@ -292,8 +294,9 @@ def build_app(args: AppArgs | dict) -> serve.Application:
     admin_sha256 = hashlib.sha256(admin_key.encode()).hexdigest() if admin_key else None  # the key never travels
     plain = args.model_dump()
     retrieval = Retrieval.bind(args.store)
-    generator = Generator.bind(plain)
-    fitter = Fitter.bind(plain, retrieval)
+    gpu = {"num_gpus": args.num_gpus} if args.num_gpus else {}  # Ray hides GPUs from replicas that ask for none
+    generator = Generator.options(ray_actor_options={"num_cpus": 1, **gpu}).bind(plain)
+    fitter = Fitter.options(ray_actor_options={"num_cpus": 0, **gpu}).bind(plain, retrieval)
     return Ingress.bind(retrieval, generator, fitter, plain, admin_sha256)
 
 

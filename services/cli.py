@@ -25,6 +25,8 @@ def serve(
     threads: Optional[int] = typer.Option(None, "--threads", help="torch threads per model replica"),
     num_cpus: Optional[int] = typer.Option(None, "--num-cpus", help="CPUs for the local Ray cluster"),
     address: Optional[str] = typer.Option(None, "--address", help="join this Ray cluster instead of starting one"),
+    gpus: Optional[float] = typer.Option(None, "--gpus", help="GPUs per generator and per fitter replica "
+                                                              "(default: 0.5 each when CUDA is available, else 0)"),
 ):
     """Serve the HTTP API (memories, search, generate, OpenAI chat) locally; Ctrl-C stops it."""
     import ray
@@ -37,8 +39,12 @@ def serve(
         err.print(f"admin key for this run (set NTKMIRROR_ADMIN_KEY to choose one): {admin_key}", highlight=False)
     os.environ["NTKMIRROR_ADMIN_KEY"] = admin_key  # read by build_app, which binds only its hash
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    if gpus is None:
+        import torch
+
+        gpus = 0.5 if torch.cuda.is_available() else 0.0  # the generator and the fitter share one GPU
     args = AppArgs(model=model, store=store, max_batch_size=max_batch_size, batch_wait_timeout_s=batch_wait_ms / 1000,
-                   torch_threads=threads)
+                   torch_threads=threads, num_gpus=gpus)
     ray.init(address=address, num_cpus=num_cpus if address is None else None, log_to_driver=False)
     signal.signal(signal.SIGTERM, _interrupt)  # `kill`/container stop: shut down as Ctrl-C does
     try:

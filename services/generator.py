@@ -90,7 +90,8 @@ class Generator:
         return {"batches": n, "requests": sum(k * v for k, v in self.sizes.items()),
                 "max_batch_size": max(self.sizes, default=0),
                 "mean_batch_size": sum(k * v for k, v in self.sizes.items()) / n if n else 0.0,
-                "batch_sizes": {str(k): v for k, v in sorted(self.sizes.items())}, "engine_calls": self.engine_calls}
+                "batch_sizes": {str(k): v for k, v in sorted(self.sizes.items())}, "engine_calls": self.engine_calls,
+                "device": str(next(self.model.parameters()).device), "gpu_ids": _gpu_ids()}
 
     @expected
     async def generate(self, task: GenTask) -> dict:
@@ -149,6 +150,13 @@ class Generator:
         if tokens:  # Ray counters refuse increments of 0
             self._metrics["tokens"].inc(tokens)
         return out
+
+
+def _gpu_ids() -> list[str]:
+    """The GPUs Ray gave this replica (num_gpus > 0), else []."""
+    import ray
+
+    return [str(g) for g in ray.get_runtime_context().get_accelerator_ids().get("GPU", [])]
 
 
 def _batch_metrics() -> dict:

@@ -57,7 +57,7 @@ def cluster():
     import ray
 
     os.environ["NTKMIRROR_ADMIN_KEY"] = ADMIN_KEY  # before ray.init: workers inherit it
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(num_cpus=2, num_gpus=1, include_dashboard=False, log_to_driver=False)  # a logical GPU: see `app`
     try:
         yield {"port": _free_port(), "address": ray.get_runtime_context().gcs_address}
     finally:
@@ -88,6 +88,7 @@ def app(cluster, redis_server, tiny_model_dir):
     # Serve apps of the suite (test_bad_inputs, test_faults) keep the default, transformers' generate
     args = AppArgs(model=str(tiny_model_dir), store=redis_server, max_batch_size=8, batch_wait_timeout_s=0.25,
                    max_new_tokens=64, max_body_bytes=MAX_BODY, generate_timeout_s=60, engine="on",
+                   num_gpus=0.5,  # placement only: Ray gives the replicas the logical GPU; torch (CPU build) runs on CPU
                    quotas=Quotas(max_memories=50, max_gates=4096, requests_per_minute=10_000))
     serve.run(build_app(args), name="ntkmirror", route_prefix="/")
     base = f"http://127.0.0.1:{cluster['port']}"
@@ -351,6 +352,7 @@ def test_concurrent_requests_batch_and_match_sequential(http, model_ref):
     assert together == alone
     assert len(set(together[:5])) > 1, "different memories should change the text"
     assert after["engine_calls"] > before["engine_calls"]  # greedy batches went through ntkmirror.engine
+    assert after["gpu_ids"] == ["0"]  # num_gpus reached the generator's placement (Ray hides GPUs otherwise)
     new_batches = {int(k): v - before["batch_sizes"].get(k, 0) for k, v in after["batch_sizes"].items()}
     assert max(k for k, v in new_batches.items() if v > 0) > 1, new_batches
 
