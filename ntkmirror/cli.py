@@ -113,8 +113,8 @@ def fit(
     max_length: int = FIT_OPTIONS["max_length"], seed: int = FIT_OPTIONS["seed"], score: str = FIT_OPTIONS["score"],
     no_eos: bool = FIT_OPTIONS["no_eos"], eval_every: int = FIT_OPTIONS["eval_every"],
     patience: int = FIT_OPTIONS["patience"], retain_kl: float = FIT_OPTIONS["retain_kl"],
-    compile_fit: bool = typer.Option(False, "--compile", help="torch.compile the fit step (GPU: faster steps "
-                                                               "after a one-off compile of ~10-60 s)"),
+    compile_fit: bool = typer.Option(False, "--compile", help="torch.compile the fit step: for long GPU fits of "
+                                                               "larger models (the compile costs tens of seconds)"),
     retain_file: Optional[Path] = typer.Option(None, "--retain-file", help="JSONL of text to keep close to the base "
                                                                            "model (default: the bundled set)"),
     retain_tokens: str = typer.Option("completion", "--retain-tokens", help="KL on the retain rows' completion "

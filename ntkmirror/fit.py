@@ -45,7 +45,7 @@ class FitConfig:
     retain_kl: float = 5.0  # weight of KL(base || gated) on retain examples (default: bundled retain.jsonl)
     retain_rows: int = 4  # retain examples per step, seen by every controller
     retain_tokens: str = "completion"  # where the KL is taken: "completion" tokens or "all" tokens of a row
-    compile: bool = False  # compile the fit step (compiled_fit): a one-off compile, then faster steps on GPU
+    compile: bool = False  # compile the fit step (compiled_fit): for long GPU fits of larger models / packs
 
     def check(self) -> "FitConfig":
         """Refuse settings that would fail late, silently do nothing, or never end."""
