@@ -97,11 +97,14 @@ class MemoryStore(ABC):
     # ---- lifecycle
     @abstractmethod
     def put(self, tenant: str, id: str, controller: Controller, text: str, tags: Sequence[str] = (),
-            metadata: dict | None = None) -> MemoryItem:
-        """Store a memory; an existing id gets a new version (the old ones stay for rollback)."""
+            metadata: dict | None = None, request_id: str | None = None) -> MemoryItem:
+        """Store a memory; an existing id gets a new version (the old ones stay for rollback).
+        With `request_id`, a retry (same id, same request_id) returns the version the first call
+        made instead of writing another: safe to repeat after a timeout or a 503."""
 
     def put_many(self, tenant: str, entries: Sequence[dict]) -> list[MemoryItem]:
-        """Bulk put: each entry is a dict of put's keyword arguments (id, controller, text, tags, metadata)."""
+        """Bulk put: each entry is a dict of put's keyword arguments (id, controller, text, tags, metadata,
+        request_id)."""
         return [self.put(tenant, **e) for e in entries]
 
     @abstractmethod

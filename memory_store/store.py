@@ -145,12 +145,15 @@ class IndexedStore(MemoryStore):
 
     # ------------------------------------------------------------ writes
     def put(self, tenant: str, id: str, controller: Controller, text: str, tags: Sequence[str] = (),
-            metadata: dict | None = None) -> MemoryItem:
-        return self.put_many(tenant, [dict(id=id, controller=controller, text=text, tags=tags, metadata=metadata)])[0]
+            metadata: dict | None = None, request_id: str | None = None) -> MemoryItem:
+        return self.put_many(tenant, [dict(id=id, controller=controller, text=text, tags=tags, metadata=metadata,
+                                           request_id=request_id)])[0]
 
     def put_many(self, tenant: str, entries: Sequence[dict]) -> list[MemoryItem]:
         """Bulk put: one embedding batch, one near-duplicate search, one lock/transaction per batch.
-        An entry may carry `embedding`: its text's embedding by the store's embedder, precomputed."""
+        An entry may carry `embedding`: its text's embedding by the store's embedder, precomputed,
+        and `request_id`: a retry of a put with the same id and request_id writes nothing and
+        returns the version that put made (the same request_id with other content is refused)."""
         tenant = validate_id(tenant, "tenant")
         prepared = [self._prepare(tenant, **e) for e in entries]
         ids = [f["id"] for f, _, _ in prepared]
@@ -167,11 +170,24 @@ class IndexedStore(MemoryStore):
         writes = []
         for (f, _, blob), v, s in zip(prepared, vecs, sketches):
             f.update(embedding=encode_vec(v), sketch=encode_vec(s))
-            writes.append((f["id"], "put", lambda vs, f=f, blob=blob: self._new_version(f, blob, vs)))
-        items = [to_item(r) for r in self._append(tenant, writes)]
+            writes.append((f["id"], "put", lambda vs, f=f, blob=blob: None if self._replayed(f, vs) else
+                           self._new_version(f, blob, vs)))
+        written = self._append(tenant, writes)
+        items = [to_item(r if r is not None else self._replayed(f, self._records(tenant, f["id"])))
+                 for r, (f, _, _) in zip(written, prepared)]
         for item, w in zip(items, warnings):
             item.warnings = w
         return items
+
+    @staticmethod
+    def _replayed(f: dict, versions: list[dict]) -> dict | None:
+        """The version an earlier put with f's request_id made, if any (checked inside the write's
+        lock/transaction, so a retry racing its original cannot write twice)."""
+        rid = f.get("request_id")
+        old = next((v for v in versions if rid and v.get("request_id") == rid), None)
+        if old is not None and (old["controller_sha256"], old["text"]) != (f["controller_sha256"], f["text"]):
+            raise ConfigError(f"memory {f['id']!r}: request id {rid!r} was already used for other content")
+        return old
 
     @staticmethod
     def _given_embedding(entry: dict) -> np.ndarray | None:
@@ -188,8 +204,12 @@ class IndexedStore(MemoryStore):
 
     @staticmethod
     def _prepare(tenant: str, id: str, controller: Controller, text: str, tags: Sequence[str] = (),
-                 metadata: dict | None = None, embedding=None) -> tuple[dict, Controller, bytes]:
+                 metadata: dict | None = None, embedding=None, request_id: str | None = None
+                 ) -> tuple[dict, Controller, bytes]:
         validate_id(id)
+        if request_id is not None and not (isinstance(request_id, str) and 1 <= len(request_id) <= 255
+                                           and request_id.isprintable()):
+            raise ConfigError(f"memory {id!r}: request id must be 1-255 printable characters")
         if not isinstance(text, str) or not text.strip():
             raise ConfigError(f"memory {id!r}: text must be a non-empty string (it is what retrieval matches)")
         if len(text) > MAX_TEXT:
@@ -211,6 +231,8 @@ class IndexedStore(MemoryStore):
              "model_name": str(meta.get("model_name") or ""),
              "model_fingerprint": str(meta.get("model_fingerprint") or ""),
              "data_hash": str(meta.get("data_hash") or "")}
+        if request_id is not None:
+            f["request_id"] = request_id
         return f, controller, blob
 
     @staticmethod

@@ -17,7 +17,7 @@ import logging
 import os
 from typing import Literal, Optional
 
-from fastapi import Depends, FastAPI, Query, Request, Response
+from fastapi import Depends, FastAPI, Header, Query, Request, Response
 from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 
@@ -148,7 +148,10 @@ class Ingress:
     # ---- memories
     @api.post("/v1/memories", status_code=201, response_model=MemoryOut | JobOut, tags=["memories"],
               responses={202: {"model": JobOut, "description": "fit job accepted"}})
-    async def create_memory(self, body: MemoryCreate, response: Response, token: Optional[str] = Depends(bearer)):
+    async def create_memory(self, body: MemoryCreate, response: Response, token: Optional[str] = Depends(bearer),
+                            idempotency_key: Optional[str] = Header(
+                                None, max_length=255, description="registering a controller: a retry with the "
+                                "same key returns the memory version the first request made (no second version)")):
         """Register a controller (201 with the memory) or fit one from examples (202 with a job)."""
         tenant, quotas = await self._tenant(token)
         if body.controller is not None:
@@ -161,7 +164,8 @@ class Ingress:
                 raise QuotaError(f"controller has {controller.num_gates} gates, over the quota of {quotas.max_gates}")
             check_identity(controller, await self.identity(), body.allow_model_mismatch)
             item = await http.result(self.retrieval.put.remote(tenant, body.id, controller, body.text,
-                                                               body.all_tags(), body.metadata, quotas.max_memories))
+                                                               body.all_tags(), body.metadata, quotas.max_memories,
+                                                               idempotency_key))
             return MemoryOut.of(item)
         spec_fit = (body.fit or FitParams()).model_dump()
         parse_layers(spec_fit["layers"], (await self.identity())["n_layers"])  # a bad spec is a 422 now

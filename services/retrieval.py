@@ -67,12 +67,12 @@ class Retrieval:
     # ---- lifecycle
     @expected
     async def put(self, tenant: str, id: str, controller: Controller, text: str, tags: Sequence[str],
-                  metadata: dict, max_memories: int) -> dict:
+                  metadata: dict, max_memories: int, request_id: str | None = None) -> dict:
         def run():
             current = {i.id for i in self.store.list(tenant)}
             if id not in current and len(current) >= max_memories:
                 raise QuotaError(f"memory quota reached ({max_memories} memories); delete some first")
-            return self.store.put(tenant, id, controller, text, tags, metadata)
+            return self.store.put(tenant, id, controller, text, tags, metadata, request_id=request_id)
 
         return (await self._call(run)).to_dict()
 

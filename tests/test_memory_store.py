@@ -114,6 +114,29 @@ def test_versions_rollback_soft_and_hard_delete(store):
     assert again.version == 1
 
 
+def test_put_with_a_request_id_is_safe_to_retry(store):
+    """A retried put (same id, same request id) writes nothing and returns the first call's version,
+    also after later versions and a rollback; the same request id with other content is refused."""
+    a, b = ctrl(1), ctrl(2)
+    first = store.put("t", "m", a, "first text", request_id="req-1")
+    again = store.put("t", "m", a, "first text", request_id="req-1")
+    assert (first.version, again.version) == (1, 1) and len(store.versions("t", "m")) == 1
+    assert store.put("t", "m", b, "second text", request_id="req-2").version == 2
+    assert store.put("t", "m", b, "second text").version == 3  # no request id: a new version each time
+    store.rollback("t", "m", 1)
+    assert store.put("t", "m", a, "first text", request_id="req-1").version == 1
+    n = len(store.versions("t", "m"))
+    with pytest.raises(ConfigError, match="already used for other content"):
+        store.put("t", "m", b, "first text", request_id="req-1")
+    with pytest.raises(ConfigError, match="request id"):
+        store.put("t", "m", a, "first text", request_id="")
+    assert len(store.versions("t", "m")) == n  # refused retries wrote nothing
+    # a bulk put mixing a replay and a new memory
+    items = store.put_many("t", [dict(id="m", controller=b, text="second text", request_id="req-2"),
+                                 dict(id="n", controller=a, text="another", request_id="req-1")])
+    assert [(i.id, i.version) for i in items] == [("m", 2), ("n", 1)]
+
+
 def test_bad_input_is_refused_and_writes_nothing(store):
     store.put("default", "keep", ctrl(0), "a memory that must survive")
     for bad in ("../x", "a/b", "..", "", ".hidden", "a\\b", "x" * 200, "a b", "a:b"):

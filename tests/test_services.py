@@ -246,6 +246,21 @@ def test_memory_lifecycle(http, model_ref):
     assert http.get("/v1/memories", headers=h).json()["data"] == []
 
 
+def test_idempotency_key_makes_registration_safe_to_retry(http, model_ref):
+    """A client that got no answer (timeout, 503) repeats the POST with the same Idempotency-Key:
+    one version is stored and both answers name it; the key with another body is a 422."""
+    h = new_tenant(http, "idem")
+    body = {"id": "once", "text": "stored once", "controller": controller_b64(model_ref, 7)}
+    r1 = http.post("/v1/memories", headers={**h, "Idempotency-Key": "k-1"}, json=body)
+    r2 = http.post("/v1/memories", headers={**h, "Idempotency-Key": "k-1"}, json=body)
+    assert r1.status_code == r2.status_code == 201, (r1.text, r2.text)
+    assert r1.json()["version"] == r2.json()["version"] == 1
+    assert http.get("/v1/memories/once", headers=h).json()["version"] == 1  # no second version was written
+    r3 = http.post("/v1/memories", headers={**h, "Idempotency-Key": "k-1"}, json={**body, "text": "other"})
+    assert r3.status_code == 422 and "already used" in r3.json()["error"]["message"]
+    assert http.post("/v1/memories", headers=h, json=body).json()["version"] == 2  # no key: a new version
+
+
 def test_fit_job_runs_to_completion(http):
     from tiny import arithmetic_rows
 
