@@ -82,12 +82,16 @@ def _hidden(model, batch: Batch) -> torch.Tensor:
                             use_cache=False).last_hidden_state  # (B, T, H)
 
 
+def _lse_nll_correct(logits, targets):
+    """logsumexp, NLL and argmax == target of float32 logits (n, V)."""
+    lse = logits.logsumexp(-1)
+    return lse, lse - logits.gather(1, targets[:, None]).squeeze(1), logits.argmax(-1) == targets
+
+
 def _head_stats(logits, targets, need_grad: bool):
     """(nll, correct, softmax - onehot or None) of one chunk of logits, in float32; eager: in place."""
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # (n, V)
-    lse = logits.logsumexp(-1)
-    nll = lse - logits.gather(1, targets[:, None]).squeeze(1)
-    correct = logits.argmax(-1) == targets
+    lse, nll, correct = _lse_nll_correct(logits, targets)
     if not need_grad:
         return nll, correct, None
     p = logits.sub_(lse[:, None]).exp_()  # softmax, in place
@@ -100,9 +104,7 @@ def _head_stats_fusable(logits, targets, need_grad: bool):
     ~8, and softmax - onehot written straight in the logits' own dtype."""
     dtype = logits.dtype
     logits = logits.to(torch.promote_types(dtype, torch.float32))
-    lse = logits.logsumexp(-1)
-    nll = lse - logits.gather(1, targets[:, None]).squeeze(1)
-    correct = logits.argmax(-1) == targets
+    lse, nll, correct = _lse_nll_correct(logits, targets)
     if not need_grad:
         return nll, correct, None
     onehot = torch.arange(logits.shape[1], device=logits.device)[None, :] == targets[:, None]
