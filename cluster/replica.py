@@ -141,7 +141,7 @@ class Replica:
                  max_new_tokens: int = 128, temperature: float = 0.0, max_log_gate: float | None = None,
                  allow_model_mismatch: bool = False, batch_size: int = 8) -> list[str]:
         """Greedy (or sampled) continuations; rows[r] = [(controller bytes, weight), ...] for prompt r."""
-        from ntkmirror.evaluate import generate
+        from ntkmirror.evaluate import generate, is_greedy
         from ntkmirror.gates import row_gates
 
         self.calls += 1
@@ -150,7 +150,7 @@ class Replica:
             raise ConfigError(f"{len(prompts)} prompts but {len(rows)} gate rows")
         parsed = [[(self.controller(b, allow_model_mismatch), float(w)) for b, w in row] for row in rows]
         gates = row_gates(parsed, self.n_layers, self.hidden, max_log_gate, self.device) if any(parsed) else None
-        if temperature == 0 and str(self.device).startswith("cuda"):  # static KV cache, CUDA-graph decode
+        if is_greedy(temperature) and str(self.device).startswith("cuda"):  # static KV cache, CUDA-graph decode
             return self._engine().generate(list(prompts), gates, max_new_tokens=max_new_tokens)
         return generate(self.model, self.tok, list(prompts), gates, max_new_tokens=max_new_tokens,
                         batch_size=batch_size, temperature=temperature)

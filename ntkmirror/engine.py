@@ -26,7 +26,7 @@ import torch
 from .controller import Controller
 from .data import encode_prompt, pad_id
 from .errors import ConfigError, ControllerError
-from .evaluate import Generation
+from .evaluate import Generation, nonempty_prompt, to_generation
 from .gates import RowGates, attach, controller_gates
 from .models import find_decoder_layers, hidden_size
 
@@ -100,31 +100,20 @@ class GenerationEngine:
         self._compiled: dict[bool, object] = {}
 
     # ------------------------------------------------------------------ public API
-    @torch.no_grad()
     def generate(self, prompts: Sequence[str], gates: RowGates | Controller | None = None,
                  max_new_tokens: int = 128) -> list[str]:
         """Greedy continuation of each prompt (encoded as training does); only the new text."""
-        tok = self.tok
-        eos = tok.eos_token_id
-        ids = [encode_prompt(tok, p) or [tok.bos_token_id or eos] for p in prompts]
-        out = self.generate_ids(ids, gates, max_new_tokens, eos_token_id=eos)
-        return tok.batch_decode(out, skip_special_tokens=True)
+        return [g.text for g in self.generations([encode_prompt(self.tok, p) for p in prompts], gates, max_new_tokens)]
 
     def generations(self, prompt_ids: Sequence[Sequence[int]], gates: RowGates | Controller | None = None,
                     max_new_tokens: int | Sequence[int] = 128) -> list[Generation]:
         """`evaluate.generate_rows`' results from the engine: one limit per prompt if given (the
         batch runs to the largest; greedy decoding is causal, so a cut row equals a shorter run)."""
-        tok = self.tok
-        eos = tok.eos_token_id
+        eos = self.tok.eos_token_id
         limits = [max_new_tokens] * len(prompt_ids) if isinstance(max_new_tokens, int) else list(max_new_tokens)
-        ids = [list(p) or [tok.bos_token_id or eos] for p in prompt_ids]
-        out = []
-        for new, k in zip(self.generate_ids(ids, gates, max(limits, default=1), eos_token_id=eos), limits):
-            new = new[:k]
-            stopped = eos is not None and eos in new
-            n = new.index(eos) if stopped else len(new)
-            out.append(Generation(tok.decode(new[:n], skip_special_tokens=True), n, stopped))
-        return out
+        ids = [nonempty_prompt(p, self.tok) for p in prompt_ids]
+        out = self.generate_ids(ids, gates, max(limits, default=1), eos_token_id=eos)
+        return [to_generation(self.tok, new[:k], eos) for new, k in zip(out, limits)]
 
     @torch.no_grad()
     def generate_ids(self, prompt_ids: Sequence[Sequence[int]], gates: RowGates | Controller | None = None,

@@ -66,6 +66,19 @@ def is_greedy(temperature: float) -> bool:
     return not temperature > GREEDY_BELOW  # NaN counts as greedy too
 
 
+def nonempty_prompt(ids: Sequence[int], tokenizer) -> list[int]:
+    """A prompt's token ids, or a lone BOS (else EOS) for an empty prompt: generation needs one."""
+    return list(ids) or [tokenizer.bos_token_id or tokenizer.eos_token_id]
+
+
+def to_generation(tokenizer, new: Sequence[int], eos: int | None) -> Generation:
+    """New token ids cut at the first EOS (not included), decoded."""
+    new = list(new)
+    stopped = eos is not None and eos in new
+    n = new.index(eos) if stopped else len(new)
+    return Generation(tokenizer.decode(new[:n], skip_special_tokens=True), n, stopped)
+
+
 @torch.no_grad()
 def generate_rows(model, tokenizer, prompts: Sequence[str], gates: RowGates | Controller | None = None,
                   max_new_tokens: int | Sequence[int] = 128, batch_size: int = 8, temperature: float = 0.0,
@@ -82,7 +95,7 @@ def generate_rows(model, tokenizer, prompts: Sequence[str], gates: RowGates | Co
         torch.manual_seed(seed)
     results = []
     for lo in range(0, len(prompts), batch_size):
-        ids = [encode_prompt(tokenizer, p) or [tokenizer.bos_token_id or eos] for p in prompts[lo: lo + batch_size]]
+        ids = [nonempty_prompt(encode_prompt(tokenizer, p), tokenizer) for p in prompts[lo: lo + batch_size]]
         lim = limits[lo: lo + len(ids)]
         T = max(map(len, ids))
         input_ids = torch.tensor([[pad] * (T - len(x)) + x for x in ids], device=device)
@@ -91,11 +104,7 @@ def generate_rows(model, tokenizer, prompts: Sequence[str], gates: RowGates | Co
         with attach(model, _slice(gates, lo, lo + len(ids))):
             out = model.generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=max(lim),
                                  pad_token_id=pad, eos_token_id=eos, top_p=None, top_k=None, **sample)
-        for row, k in zip(out, lim):
-            new = row[T: T + k]
-            ends = (new == eos).nonzero() if eos is not None else new[:0]
-            n = int(ends[0]) if len(ends) else len(new)
-            results.append(Generation(tokenizer.decode(new[:n], skip_special_tokens=True), n, bool(len(ends))))
+        results += [to_generation(tokenizer, row[T: T + k].tolist(), eos) for row, k in zip(out, lim)]
     return results
 
 

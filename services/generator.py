@@ -80,10 +80,12 @@ class Generator:
         self.engine_mode = str(args.get("engine", "auto"))
         self._engine = None
         self.engine_calls = 0
+        self._identity = {"model": self.name, "model_fingerprint": model_fingerprint(self.model),
+                          "n_layers": self.n_layers, "hidden_size": self.hidden,
+                          "tokenizer_fingerprint": tokenizer_fingerprint(self.tok)}  # frozen: made once
 
     def identity(self) -> dict:
-        return {"model": self.name, "model_fingerprint": model_fingerprint(self.model), "n_layers": self.n_layers,
-                "hidden_size": self.hidden, "tokenizer_fingerprint": tokenizer_fingerprint(self.tok)}
+        return self._identity
 
     def stats(self) -> dict:
         n = sum(self.sizes.values())
@@ -137,7 +139,7 @@ class Generator:
         for temperature, idx in groups.items():
             gates = row_gates([tasks[i].gates for i in idx], self.n_layers, self.hidden, device=device)
             limits = [tasks[i].max_new_tokens for i in idx]
-            if temperature == 0 and self.engine_mode != "off" and (self.engine_mode == "on" or device.type == "cuda"):
+            if temperature == 0 and (self.engine_mode == "on" or (self.engine_mode == "auto" and device.type == "cuda")):
                 rows = self.engine().generations([tasks[i]._ids for i in idx], gates, limits)
                 self.engine_calls += 1
             else:
