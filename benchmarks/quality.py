@@ -239,16 +239,10 @@ def config_retain(name: str, retain: list, tok, model=None) -> list:
     if path and path.startswith("sampled:"):
         from ntkmirror.evaluate import sampled_retain_examples
 
-        from .tasks.generate import check_retain_apart
+        from .tasks.generate import probe_hits
 
-        def apart(ex):  # a sample that happens to hold a probe's prompt or template is dropped
-            try:
-                check_retain_apart([json.dumps(ex.to_dict())], "sampled")
-                return True
-            except ValueError:
-                return False
-
-        return [ex for ex in sampled_retain_examples(model, tok, n=int(path.split(":")[1])) if apart(ex)]
+        return [ex for ex in sampled_retain_examples(model, tok, n=int(path.split(":")[1]))  # drop any holding a probe
+                if not probe_hits([ex.prompt + ex.completion])]
     return load_jsonl_examples(Path(__file__).resolve().parents[1] / path, tok) if path else retain
 
 

@@ -312,14 +312,18 @@ def _check_probe_unseen(files: dict) -> None:
     check_retain_apart(files["retain.jsonl"].decode().splitlines(), "retain.jsonl")
 
 
+def probe_hits(texts: list[str]) -> list[str]:
+    """The probes' prompts and templates that occur in any of `texts` (case-insensitive)."""
+    text = [t.lower() for t in texts]
+    probes = [r["prompt"].lower() for r in unrelated_rows() + unrelated_b_rows()] + ["the capital of", "the opposite of"]
+    return [p for p in probes if any(p in t for t in text)]
+
+
 def check_retain_apart(retain_lines: list[str], name: str) -> None:
     """A retain set must not contain a probe's prompts: the KL term would then train on the probe."""
-    text = [(r["prompt"] + r["completion"]).lower() for r in map(json.loads, retain_lines)]
-    probes = [r["prompt"].lower() for r in unrelated_rows() + unrelated_b_rows()]
-    hit = [p for p in probes if any(p in t for t in text)]
-    templates = [t for t in ("the capital of", "the opposite of") if any(t in x for x in text)]
-    if hit or templates:
-        raise ValueError(f"{name} contains probe prompts or templates: {(hit + templates)[:3]}")
+    hit = probe_hits([r["prompt"] + r["completion"] for r in map(json.loads, retain_lines)])
+    if hit:
+        raise ValueError(f"{name} contains probe prompts or templates: {hit[:3]}")
 
 
 def load_manifest(path: str | Path, verify: bool = True) -> dict:
