@@ -349,7 +349,7 @@ def _peft_config(method):
 
 def pack_section(name, cfg, model, settings, peak):
     """C controllers in one step, equal work each (8 rows x 256 tokens): controllers/s and MFU,
-    eager and with the decoder layers compiled."""
+    eager and compiled (FitConfig.compile)."""
     dev = settings.device
     best = 0.0
     for label, regional in variants(settings):
@@ -596,7 +596,7 @@ def main(argv=None):
     ap.add_argument("--only", default="env,fit,pack,ablate,serve,scale", help="comma list of sections")
     ap.add_argument("--models", default=None, help="comma list of model keys (default: all)")
     ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile engine variant")
-    ap.add_argument("--no-compile-fit", action="store_true", help="skip the compiled-layers fit variants")
+    ap.add_argument("--no-compile-fit", action="store_true", help="skip the compiled fit variants (FitConfig.compile)")
     ap.add_argument("--serve-models", default=None, help="models for the serve section (default: all)")
     ap.add_argument("--budget", type=float, default=540.0, help="seconds; later sections are skipped after it")
     args = ap.parse_args(argv)
