@@ -88,6 +88,15 @@ CONFIGS = {
     "kl20-all16-self": {**STRONG, "retain_kl": 20.0, "retain_tokens": "all", "retain_rows": 16, "retain_set": "sampled:128"},
     "kl20-all16-facts-lr3e-2": {**STRONG, "lr": 3e-2, "retain_kl": 20.0, "retain_tokens": "all", "retain_rows": 16,
                                 "retain_set": "benchmarks/tasks/retain_facts.jsonl"},
+    # run 4: gates chosen away from channels generic text leans on (FitConfig.selection_contrast),
+    # the model's own text with the KL on completions only, and a second fit seed of the default
+    "kl5-c1": {**STRONG, "retain_kl": 5.0, "selection_contrast": 1.0},
+    "kl5-c3": {**STRONG, "retain_kl": 5.0, "selection_contrast": 3.0},
+    "kl5-self": {**STRONG, "retain_kl": 5.0, "retain_set": "sampled:128"},
+    "kl5-all16-self-c1": {**STRONG, "retain_kl": 5.0, "retain_tokens": "all", "retain_rows": 16,
+                          "retain_set": "sampled:128", "selection_contrast": 1.0},
+    "kl5-s1": {**STRONG, "retain_kl": 5.0, "seed": 1},
+    "kl5-s2": {**STRONG, "retain_kl": 5.0, "seed": 2},
 }
 NOT_FIT_FIELDS = ("retain_set",)  # config keys the benchmark handles itself (a retain file other than the manifest's)
 MAIN_ARMS = ("ctrl-5000", "lora", "ia3", "ctrl-512", "ctrl-all", "random-5000")

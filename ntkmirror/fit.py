@@ -22,7 +22,7 @@ from .errors import ConfigError, DataError
 from .gates import RowGates, attach, parse_layers
 from .models import compiled_layers, find_decoder_layers, hidden_size
 from .objective import compiled_head_loss, group_means, supervised_logits, token_losses
-from .selection import random_scores, saliency_scores, top_gates
+from .selection import contrast_scores, random_scores, saliency_scores, top_gates
 
 
 @dataclass
@@ -37,6 +37,7 @@ class FitConfig:
     max_length: int = 1024
     seed: int = 0
     score: str = "abs"  # selection rule: "abs" (seed), "coherent", or "random" (a control arm)
+    selection_contrast: float = 0.0  # minus this x the retain text's saliency at selection (selection.contrast_scores)
     add_eos: bool = True  # append EOS to completions so the model learns to stop
     l2: float = 1e-5  # weight of mean(s^2)
     eval_every: int = 0  # validation interval in steps (0: steps // 10)
@@ -57,8 +58,9 @@ class FitConfig:
             raise ConfigError(f"lr must be a positive number, got {self.lr!r}")
         if not (0 < self.max_log_gate <= MAX_LOG_GATE_LIMIT):
             raise ConfigError(f"max_log_gate must be in (0, {MAX_LOG_GATE_LIMIT:g}], got {self.max_log_gate!r}")
-        if not (math.isfinite(self.retain_kl) and self.retain_kl >= 0):
-            raise ConfigError(f"retain_kl must be a non-negative number, got {self.retain_kl!r}")
+        for name in ("retain_kl", "selection_contrast"):
+            if not (math.isfinite(getattr(self, name)) and getattr(self, name) >= 0):
+                raise ConfigError(f"{name} must be a non-negative number, got {getattr(self, name)!r}")
         if self.retain_tokens not in ("completion", "all"):
             raise ConfigError(f"retain_tokens must be completion or all, got {self.retain_tokens!r}")
         if self.score not in ("abs", "coherent", "random"):
@@ -208,6 +210,14 @@ def fit_controllers(model, tokenizer, datasets: Sequence[Sequence[Example]], con
     enc = [encode_all(tokenizer, ds, cfg.max_length, cfg.add_eos) for ds in datasets]
     C = len(enc)
 
+    if retain is None and (cfg.retain_kl > 0 or cfg.selection_contrast > 0):
+        retain = default_retain_examples()
+    use_retain = bool(retain) and cfg.retain_kl > 0
+    if retain:
+        if cfg.retain_tokens == "all":  # the prompt is text to leave alone too
+            retain = [Example("", ex.prompt + ex.completion, ex.source) for ex in retain]
+        retain_enc = encode_all(tokenizer, retain, cfg.max_length, cfg.add_eos)
+
     # 1. select each controller's gates by saliency on its own data
     if cfg.score == "random":  # control arm: the same budget, gates drawn uniformly
         scores = random_scores(C, len(layers), hidden, cfg.seed)
@@ -215,6 +225,12 @@ def fit_controllers(model, tokenizer, datasets: Sequence[Sequence[Example]], con
         score_samplers = [BatchSampler(len(e), cfg.batch_size, cfg.seed) for e in enc]
         score_iter = (_pack(enc, [s.next() for s in score_samplers], pad) for _ in range(cfg.score_batches))
         scores = saliency_scores(model, score_iter, C, layers, hidden, cfg.score)  # (C, L_g, H)
+        if retain and cfg.selection_contrast > 0:  # prefer channels the retain text does not lean on
+            bs = cfg.batch_size
+            chunks = [retain_enc[i: i + bs] for i in range(0, len(retain_enc), bs)][: cfg.score_batches]
+            generic = saliency_scores(model, ((collate(ch, pad), torch.zeros(len(ch), dtype=torch.long))
+                                              for ch in chunks), 1, layers, hidden, cfg.score)[0]
+            scores = contrast_scores(scores, generic, cfg.selection_contrast)
     picked = [top_gates(scores[c], layers, cfg.gates) for c in range(C)]
     gates = PackedGates([p[0] for p in picked], [p[1] for p in picked], hidden, cfg.max_log_gate, device)
 
@@ -226,13 +242,7 @@ def fit_controllers(model, tokenizer, datasets: Sequence[Sequence[Example]], con
     eval_every = cfg.eval_every or max(1, cfg.steps // 10)
     opt = torch.optim.AdamW([gates.raw], lr=cfg.lr, weight_decay=0.0)
     samplers = [BatchSampler(len(e), cfg.batch_size, cfg.seed + 1) for e in enc]
-    if retain is None and cfg.retain_kl > 0:
-        retain = default_retain_examples()
-    use_retain = bool(retain) and cfg.retain_kl > 0
     if use_retain:
-        if cfg.retain_tokens == "all":  # the prompt is text to leave alone too
-            retain = [Example("", ex.prompt + ex.completion, ex.source) for ex in retain]
-        retain_enc = encode_all(tokenizer, retain, cfg.max_length, cfg.add_eos)
         retain_sampler = BatchSampler(len(retain_enc), cfg.retain_rows, cfg.seed + 2)
     steps_run = 0
     bar = tqdm(range(cfg.steps), desc=f"fit x{C}" if C > 1 else "fit", disable=not progress, leave=False)

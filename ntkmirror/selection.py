@@ -44,6 +44,16 @@ def saliency_scores(model, batches: Iterable[tuple[Batch, torch.Tensor]], n_ctrl
     return total.abs() if rule == "coherent" else total
 
 
+def contrast_scores(task: torch.Tensor, generic: torch.Tensor, weight: float) -> torch.Tensor:
+    """Task saliency minus `weight` x the saliency on generic (retain) text, each scaled to mean 1.
+
+    Channels every text leans on (the large-activation ones) score high for every task, so plain
+    top-k gives different memories mostly the same gates; subtracting the generic score sends each
+    controller to channels that matter for its task more than for text it should leave alone."""
+    task = task / task.mean((-2, -1), keepdim=True).clamp_min(1e-30)
+    return task - weight * generic / generic.mean().clamp_min(1e-30)
+
+
 def random_scores(n_ctrl: int, n_layers: int, hidden: int, seed: int) -> torch.Tensor:
     """(n_ctrl, n_layers, hidden) seeded uniform scores: top-k of these is a random gate set."""
     return torch.rand(n_ctrl, n_layers, hidden, generator=torch.Generator().manual_seed(seed))

@@ -70,3 +70,46 @@ def test_tuner_generate_and_evaluate(model, tok):
     for r in res.values():
         assert {"nll", "token_accuracy", "exact_match", "examples"} <= set(r) and r["examples"] == 4
     assert res["base"]["nll"] != res["controller"]["nll"]
+
+
+def test_contrast_scores_prefer_task_specific_channels():
+    from ntkmirror.selection import contrast_scores
+
+    task = torch.tensor([[[10.0, 10.0, 1.0, 1.0]]])  # channels 0, 1 matter for the task
+    generic = torch.tensor([[10.0, 0.1, 1.0, 1.0]])  # channel 0 matters for every text
+    plain = contrast_scores(task, generic, 0.0)
+    assert torch.allclose(plain, task / task.mean())  # weight 0: the task's own ranking
+    scored = contrast_scores(task, generic, 1.0)[0, 0]
+    assert scored.argmax() == 1 and scored[0] < scored[1]
+
+
+def test_selection_contrast_moves_gates_off_generic_channels(model, tok):
+    """With selection_contrast, the chosen gates carry less saliency on the retain text than the
+    plain top-k, and two controllers on different data share fewer gates."""
+    from ntkmirror.data import Example, collate, encode_all, pad_id
+    from ntkmirror.gates import parse_layers
+    from ntkmirror.models import find_decoder_layers, hidden_size
+    from ntkmirror.selection import saliency_scores
+
+    retain = [Example("", "The quick brown fox jumps over the lazy dog."), Example("Hello", " world, how are you?"),
+              Example("Question: what is 2 + 2?\nAnswer:", " 4")]
+    sets = [examples(16, 1), [Example(e.prompt, e.completion.upper()) for e in examples(16, 2)]]
+    kw = dict(gates=24, steps=0, score_batches=2, batch_size=8, retain_kl=0.0)
+    plain = fit_controllers(model, tok, sets, FitConfig(**kw), progress=False, retain=retain)
+    apart = fit_controllers(model, tok, sets, FitConfig(**kw, selection_contrast=2.0), progress=False, retain=retain)
+    layers = parse_layers("all", len(find_decoder_layers(model)[1]))
+    enc = encode_all(tok, retain, 1024, True)
+    generic = saliency_scores(model, [(collate(enc, pad_id(tok)), torch.zeros(len(enc), dtype=torch.long))],
+                              1, layers, hidden_size(model))[0]
+
+    def on_generic(c):
+        return generic[c.layer, c.channel].sum().item()
+
+    def shared(a, b):
+        return len(set(zip(a.layer.tolist(), a.channel.tolist())) & set(zip(b.layer.tolist(), b.channel.tolist())))
+
+    for p, a in zip(plain, apart):
+        assert a.num_gates == p.num_gates == 24 and on_generic(a) < 0.8 * on_generic(p)
+    assert shared(*apart) < shared(*plain)
+    with __import__("pytest").raises(Exception, match="selection_contrast"):
+        FitConfig(selection_contrast=-1.0).check()
