@@ -95,6 +95,12 @@ CONFIGS = {
     "kl5-self": {**STRONG, "retain_kl": 5.0, "retain_set": "sampled:128"},
     "kl5-all16-self-c1": {**STRONG, "retain_kl": 5.0, "retain_tokens": "all", "retain_rows": 16,
                           "retain_set": "sampled:128", "selection_contrast": 1.0},
+    "kl5-c1.5": {**STRONG, "retain_kl": 5.0, "selection_contrast": 1.5},
+    "kl5-c2": {**STRONG, "retain_kl": 5.0, "selection_contrast": 2.0},
+    "kl5-c0.5": {**STRONG, "retain_kl": 5.0, "selection_contrast": 0.5},
+    "kl10-c1": {**STRONG, "retain_kl": 10.0, "selection_contrast": 1.0},
+    "kl5-c1-s1": {**STRONG, "retain_kl": 5.0, "selection_contrast": 1.0, "seed": 1},
+    "kl5-c1-s2": {**STRONG, "retain_kl": 5.0, "selection_contrast": 1.0, "seed": 2},
     "kl5-s1": {**STRONG, "retain_kl": 5.0, "seed": 1},
     "kl5-s2": {**STRONG, "retain_kl": 5.0, "seed": 2},
 }

@@ -43,16 +43,22 @@ def merge(run_dirs) -> dict:
     return out
 
 
-def _index(results):
+def probes(results) -> list[str]:
+    """The interference probes scored in these runs ("unrelated" first, then e.g. "unrelated_b")."""
+    return list(dict.fromkeys(e["task"] for e in results["evals"] if e["task"].startswith("unrelated")))
+
+
+def _index(results, probe="unrelated"):
+    """(config, task) -> eval; config -> the probe's NLL under each single controller; the base probe NLL."""
     ev = {}
     for e in results["evals"]:
         if not e["task"].startswith("unrelated"):  # the probes (unrelated, unrelated_b) are not tasks
             ev[(e["config"], e["task"])] = e
     single_unrel = defaultdict(list)
     for e in results["evals"]:
-        if e["task"] == "unrelated" and "under" in e:
+        if e["task"] == probe and "under" in e:
             single_unrel[e["config"]].append(e["nll"])
-    base_unrel = next((e["nll"] for e in results["evals"] if e["config"] == "base" and e["task"] == "unrelated"), None)
+    base_unrel = next((e["nll"] for e in results["evals"] if e["config"] == "base" and e["task"] == probe), None)
     return ev, single_unrel, base_unrel
 
 
@@ -93,12 +99,21 @@ def config_summary(results) -> list[dict]:
             row[f"retention_min{suffix}"] = min(ret) if ret else None
             row[f"unrelated_change_mean{suffix}"] = mean(p["unrelated_change"] for p in pr)
             row[f"unrelated_change_max{suffix}"] = max(p["unrelated_change"] for p in pr)
+        for k in probes(results)[1:]:  # further probes: the same three columns under their own name
+            _, single_k, base_k = _index(results, k)
+            pr = pair_rows(results, c, "sum", k)
+            if single_k[c] and base_k:
+                row[f"{k}_single_change"] = (mean(single_k[c]) - base_k) / base_k
+            if pr and base_k:
+                row[f"{k}_change_mean"] = mean(p["unrelated_change"] for p in pr)
+                row[f"{k}_change_max"] = max(p["unrelated_change"] for p in pr)
         rows.append(row)
     return rows
 
 
-def pair_rows(results, config, rule="sum") -> list[dict]:
-    ev, _, base_unrel = _index(results)
+def pair_rows(results, config, rule="sum", probe="unrelated") -> list[dict]:
+    """Composed pairs of one config and rule; unrelated_* columns are for `probe`."""
+    ev, _, base_unrel = _index(results, probe)
     out = []
     for p in results["pairs"]:
         if p["config"] != config or p["rule"] != rule:
@@ -114,8 +129,10 @@ def pair_rows(results, config, rule="sum") -> list[dict]:
             row[f"retained_{side}"] = (base["nll"] - comp["nll"]) / gain if gain and gain > 0 else None
             row[f"em_{side}"] = comp.get("exact_match")
             row[f"em_single_{side}"] = single.get("exact_match") if single else None
-        row["unrelated_nll"] = p["unrelated"]["nll"]
-        row["unrelated_change"] = (p["unrelated"]["nll"] - base_unrel) / base_unrel if base_unrel else None
+        if probe not in p:  # a run from before this probe existed
+            continue
+        row["unrelated_nll"] = p[probe]["nll"]
+        row["unrelated_change"] = (p[probe]["nll"] - base_unrel) / base_unrel if base_unrel else None
         out.append(row)
     return out
 
@@ -312,6 +329,7 @@ def report(run_dirs, img: Path | None = None) -> str:
         cols = ["config", "gain_share_mean", "gain_share_min", "exact_match_mean", "retention_mean", "retention_min",
                 "unrelated_change_mean", "unrelated_change_max", "single_unrelated_change", "retention_mean_max",
                 "unrelated_change_mean_max", "retention_mean_mean", "unrelated_change_mean_mean"]
+        cols += [f"{k}_{x}" for k in probes(results)[1:] for x in ("single_change", "change_mean", "change_max")]
         md.append("### Configs: the three numbers (rule sum unless suffixed)\n\n" + _md(summ, cols))
     if pairs:
         md.append("### Composed pairs\n\n" + _md(pairs, ["config", "rule", "a", "b", "retained_a", "retained_b",
