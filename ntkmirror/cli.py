@@ -120,6 +120,9 @@ def fit(
     retain_tokens: str = typer.Option("completion", "--retain-tokens", help="KL on the retain rows' completion "
                                                                             "tokens or on all their tokens"),
     retain_rows: int = typer.Option(4, "--retain-rows", help="retain rows per step"),
+    selection_contrast: float = typer.Option(1.0, "--selection-contrast",
+                                             help="choose gates away from channels the retain text leans on: "
+                                                  "weight of its saliency subtracted at selection (0: off)"),
 ):
     """Fit a controller on teacher-forced examples and save it."""
     from .data import load_jsonl_examples
@@ -130,6 +133,7 @@ def fit(
     cfg = fit_config(gates, steps, lr, max_log_gate, layers, score_batches, batch_size, max_length, seed, score,
                      no_eos, eval_every, patience, retain_kl)
     cfg.compile, cfg.retain_tokens, cfg.retain_rows = compile_fit, retain_tokens, retain_rows
+    cfg.selection_contrast = selection_contrast
     cfg.check()  # before the model loads
     m, tok = load(model, device, dtype, quiet=as_json)
     parse_layers(layers, len(find_decoder_layers(m)[1]))  # fail before any work

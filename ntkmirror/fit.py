@@ -29,7 +29,7 @@ from .selection import contrast_scores, random_scores, saliency_scores, top_gate
 class FitConfig:
     gates: int = 5000
     steps: int = 240
-    lr: float = 2e-2  # lr, max_log_gate, retain_kl: measured together in docs/results.md
+    lr: float = 2e-2  # lr, max_log_gate, retain_kl, selection_contrast: measured together in docs/results.md
     max_log_gate: float = 0.2
     layers: str = "all"
     score_batches: int = 16
@@ -37,7 +37,7 @@ class FitConfig:
     max_length: int = 1024
     seed: int = 0
     score: str = "abs"  # selection rule: "abs" (seed), "coherent", or "random" (a control arm)
-    selection_contrast: float = 0.0  # minus this x the retain text's saliency at selection (selection.contrast_scores)
+    selection_contrast: float = 1.0  # minus this x the retain text's saliency at selection (selection.contrast_scores)
     add_eos: bool = True  # append EOS to completions so the model learns to stop
     l2: float = 1e-5  # weight of mean(s^2)
     eval_every: int = 0  # validation interval in steps (0: steps // 10)
@@ -194,7 +194,9 @@ def fit_controllers(model, tokenizer, datasets: Sequence[Sequence[Example]], con
 
     With cfg.retain_kl > 0, each step also penalises each controller's KL divergence from the base
     model on cfg.retain_rows of the `retain` examples (default: a small bundled set of generic text),
-    which keeps strong controllers composable and off unrelated prompts (docs/results.md)."""
+    which keeps strong controllers composable and off unrelated prompts; with cfg.selection_contrast > 0
+    the gates are chosen away from the channels that retain text leans on, which keeps different
+    memories on different channels (docs/results.md)."""
     from tqdm.auto import tqdm
 
     cfg = (config or FitConfig()).check()

@@ -99,16 +99,19 @@ def test_controller_from_another_tokenizer_is_refused(tmp_path, capsys, tiny_mod
 
 
 def test_fit_retain_options(tmp_path, capsys, tiny_model_dir, train_file):
-    """--retain-file/--retain-tokens/--retain-rows reach the fit; bad values exit 1 with the place."""
+    """--retain-file/--retain-tokens/--retain-rows/--selection-contrast reach the fit; bad values exit 1
+    with the place."""
     retain = tmp_path / "retain.jsonl"
     retain.write_text('{"prompt": "Hello", "completion": " world"}\n{"prompt": "", "completion": "The quick fox."}\n'
                       '{"prompt": "user", "completion": " assistant"}\n')
     ctrl = tmp_path / "c.safetensors"
     code, out, _ = run(capsys, "fit", "--model", tiny_model_dir, "--train", train_file, "--out", ctrl, *FAST,
-                       "--retain-file", retain, "--retain-tokens", "all", "--retain-rows", "2", "--json")
+                       "--retain-file", retain, "--retain-tokens", "all", "--retain-rows", "2",
+                       "--selection-contrast", "0.5", "--json")
     assert code == 0, out
     fit = Controller.load(ctrl).meta["fit"]
     assert (fit["retain_examples"], fit["retain_tokens"], fit["retain_rows"]) == (3, "all", 2)
+    assert fit["selection_contrast"] == 0.5
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "a", "completion": " b"}\n{"prompt": 3}\n')
     out2 = tmp_path / "d.safetensors"
@@ -118,6 +121,9 @@ def test_fit_retain_options(tmp_path, capsys, tiny_model_dir, train_file):
     code, _, err = run(capsys, "fit", "--model", tiny_model_dir, "--train", train_file, "--out", out2, *FAST,
                        "--retain-tokens", "prompt")
     assert code != 0 and "retain_tokens" in err and not out2.exists()
+    code, _, err = run(capsys, "fit", "--model", tiny_model_dir, "--train", train_file, "--out", out2, *FAST,
+                       "--selection-contrast", "-1")
+    assert code != 0 and "selection_contrast" in err and not out2.exists()
 
 
 @pytest.mark.parametrize("case, extra, message, code", [

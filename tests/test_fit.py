@@ -95,7 +95,7 @@ def test_selection_contrast_moves_gates_off_generic_channels(model, tok):
               Example("Question: what is 2 + 2?\nAnswer:", " 4")]
     sets = [examples(16, 1), [Example(e.prompt, e.completion.upper()) for e in examples(16, 2)]]
     kw = dict(gates=24, steps=0, score_batches=2, batch_size=8, retain_kl=0.0)
-    plain = fit_controllers(model, tok, sets, FitConfig(**kw), progress=False, retain=retain)
+    plain = fit_controllers(model, tok, sets, FitConfig(**kw, selection_contrast=0.0), progress=False, retain=retain)
     apart = fit_controllers(model, tok, sets, FitConfig(**kw, selection_contrast=2.0), progress=False, retain=retain)
     layers = parse_layers("all", len(find_decoder_layers(model)[1]))
     enc = encode_all(tok, retain, 1024, True)
