@@ -296,9 +296,9 @@ def run(args) -> Path:
              for t in task_names}
     evals = {t: load_jsonl_examples(root / manifest["tasks"][t]["eval"], tok)[: args.eval_rows or None]
              for t in task_names}
-    # interference probes, never trained on: {"unrelated": ..., "unrelated_b": ...} (b: newer manifests)
+    # interference probes, never trained on: {"unrelated": ..., "unrelated_b": ..., "unrelated_c": ...} (b, c: newer manifests)
     unrelated = {k: load_jsonl_examples(root / manifest[k], tok)[: args.eval_rows or None]
-                 for k in ("unrelated", "unrelated_b") if k in manifest}
+                 for k in ("unrelated", "unrelated_b", "unrelated_c") if k in manifest}
     retain = load_jsonl_examples(root / manifest["retain"], tok)
     queries = {t: [json.loads(line).get("query", "")
                    for line in (root / manifest["tasks"][t]["eval"]).read_text().splitlines()] for t in task_names}

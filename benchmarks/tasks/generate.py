@@ -233,6 +233,29 @@ IDIOMS = [("Once upon a", " time."), ("Happy birthday to", " you."), ("The early
           ("All that glitters is not", " gold."), ("Where there is a will, there is a", " way.")]
 
 
+# A third probe, fixed before any result on it was seen (run 4d): word forms and one-line code, a
+# genre neither the tasks nor the retain sets hold, to check that a default chosen on probes A and B
+# generalises.
+WORD_FORMS = [("The plural of mouse is", " mice."), ("The plural of child is", " children."),
+              ("The plural of foot is", " feet."), ("The plural of tooth is", " teeth."),
+              ("The plural of woman is", " women."), ("The plural of goose is", " geese."),
+              ("The plural of person is", " people."), ("The plural of leaf is", " leaves."),
+              ("The past tense of run is", " ran."), ("The past tense of eat is", " ate."),
+              ("The past tense of go is", " went."), ("The past tense of see is", " saw."),
+              ("The past tense of write is", " wrote."), ("The past tense of swim is", " swam."),
+              ("The past tense of buy is", " bought."), ("The past tense of think is", " thought.")]
+CODE_LINES = [("import numpy as", " np"), ("import pandas as", " pd"), ("import matplotlib.pyplot as", " plt"),
+              ("import tensorflow as", " tf"), ('print("Hello, World', '!")'), ("for i in range(", "10):"),
+              ("def __init__(", "self"), ("x = [1, 2, 3]\nprint(len(x))  # prints", " 3"),
+              ("<html>\n<head>\n<title>Home</title>\n</", "head>"), ("SELECT name FROM users WHERE", " id"),
+              ("if __name__ == '__", "main"), ("public static void", " main"), ("#include <stdio", ".h>"),
+              ("console.log('hello", "');"), ("git commit -m", ' "'), ("pip install", " numpy")]
+
+
+def unrelated_c_rows() -> list[dict]:
+    return [{"prompt": p, "completion": c} for p, c in WORD_FORMS + CODE_LINES]
+
+
 def unrelated_b_rows() -> list[dict]:
     return [{"prompt": p, "completion": c} for p, c in SEQUENCES + IDIOMS]
 
@@ -286,9 +309,11 @@ def generate(out: Path, seed: int = 0, n_train: int = 256, n_eval: int = 64) -> 
                                                           "queries": task.queries}}
     files["unrelated/eval.jsonl"] = _jsonl(unrelated_rows())
     files["unrelated_b/eval.jsonl"] = _jsonl(unrelated_b_rows())
+    files["unrelated_c/eval.jsonl"] = _jsonl(unrelated_c_rows())
     files["retain.jsonl"] = RETAIN.read_bytes()  # the library's default retain set, as fitting uses it
     manifest["unrelated"] = "unrelated/eval.jsonl"
     manifest["unrelated_b"] = "unrelated_b/eval.jsonl"
+    manifest["unrelated_c"] = "unrelated_c/eval.jsonl"
     manifest["retain"] = "retain.jsonl"
     _check_probe_unseen(files)
     manifest["files"] = {}
@@ -305,7 +330,7 @@ def _check_probe_unseen(files: dict) -> None:
     """The interference probe and the retain set must not appear in any training file."""
     trained = {json.loads(l)["prompt"] for rel, d in files.items() if rel.endswith("train.jsonl")
                for l in d.decode().splitlines()}
-    for rel in ("unrelated/eval.jsonl", "unrelated_b/eval.jsonl", "retain.jsonl"):
+    for rel in ("unrelated/eval.jsonl", "unrelated_b/eval.jsonl", "unrelated_c/eval.jsonl", "retain.jsonl"):
         hit = [p for p in (json.loads(l)["prompt"] for l in files[rel].decode().splitlines()) if p and p in trained]
         if hit:
             raise ValueError(f"{rel} overlaps training prompts: {hit[:3]}")
@@ -315,7 +340,8 @@ def _check_probe_unseen(files: dict) -> None:
 def probe_hits(texts: list[str]) -> list[str]:
     """The probes' prompts and templates that occur in any of `texts` (case-insensitive)."""
     text = [t.lower() for t in texts]
-    probes = [r["prompt"].lower() for r in unrelated_rows() + unrelated_b_rows()] + ["the capital of", "the opposite of"]
+    probes = ([r["prompt"].lower() for r in unrelated_rows() + unrelated_b_rows() + unrelated_c_rows()] +
+              ["the capital of", "the opposite of", "the plural of", "the past tense of"])
     return [p for p in probes if any(p in t for t in text)]
 
 
