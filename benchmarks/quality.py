@@ -42,9 +42,10 @@ from .report import rank_configs, report, summarise
 from .tasks.generate import load_manifest
 
 # FitConfig overrides per config. SEED pins the seed's defaults (the runs in docs/results.md were made
-# with them); "default" is FitConfig() as it stands (since then: max_log_gate 0.2, lr 2e-2, retain_kl 5).
+# with them); "default" is FitConfig() as it stands (since then: max_log_gate 0.2, lr 2e-2, retain_kl 5,
+# selection_contrast 1). Every named config pins the fields that later defaults changed.
 # gates=-1: every channel of every gated layer.
-SEED = {"lr": 5e-3, "max_log_gate": 0.05, "retain_kl": 0.0}
+SEED = {"lr": 5e-3, "max_log_gate": 0.05, "retain_kl": 0.0, "selection_contrast": 0.0}
 STRONG = {**SEED, "lr": 2e-2, "max_log_gate": 0.2}
 CONFIGS = {
     "default": {},

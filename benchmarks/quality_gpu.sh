@@ -32,9 +32,10 @@ case $what in
   interfere5) args=(--arms kl5-c1,kl5-c3,kl5-self,kl5-all16-self-c1,kl5-s1 --memory-configs none --rules sum) ;;
   interfere6) args=(--arms kl5-c1-s1,kl5-s1,kl5-c2,kl5-c0.5,kl10-c1 --memory-configs none --rules sum) ;;
   interfere7) args=(--arms kl5-c1-s2,kl5-c1,kl5-s2 --memory-configs kl5-c1 --rules sum) ;;
-  interfere8) args=(--arms kl5-c1,m0.2-lr2e-2-kl5,kl10-c1 --memory-configs none --rules sum,max) ;;
+  interfere8) args=(--arms kl5-c1,kl10-c1 --memory-configs none --rules sum,max) ;;
+  interfere9) args=(--arms m0.2-lr2e-2-kl5,kl5-c1-s1,kl5-s1 --memory-configs none --rules sum,max) ;;
   fix) args=(--arms ctrl-5000,m0.2-lr2e-2-kl5,lora,m0.2-lr2e-2 --memory-configs m0.2-lr2e-2-kl5,ctrl-5000) ;;
-  *) echo "usage: $0 main|sweep|fix|interfere|interfere2|interfere3|interfere4|interfere5|interfere6|interfere7|interfere8 [OUT]" >&2; exit 2 ;;
+  *) echo "usage: $0 main|sweep|fix|interfere|interfere2|interfere3|interfere4|interfere5|interfere6|interfere7|interfere8|interfere9 [OUT]" >&2; exit 2 ;;
 esac
 # the tokenizer files of a local cache (.carry/tok): transformers versions differ in the EOS they give the GGUF
 [ -d .carry/tok ] && args+=(--tokenizer .carry/tok)

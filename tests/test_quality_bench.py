@@ -160,3 +160,14 @@ def test_sampled_retain_examples_are_seeded_model_text(model, tok):
     cfg = FitConfig(gates=16, steps=2, batch_size=4, score_batches=1, retain_kl=1.0, retain_tokens="all")
     ctrl = fit_controllers(model, tok, [train], cfg, progress=False, retain=a)[0]
     assert ctrl.meta["fit"]["retain_examples"] == len(a)
+
+
+def test_named_configs_pin_every_default_that_changed():
+    """A named config means what it meant when it was measured: each one pins the fields whose
+    FitConfig default moved since (lr, max_log_gate, retain_kl, selection_contrast)."""
+    from benchmarks.quality import CONFIGS
+
+    for name, overrides in CONFIGS.items():
+        if name != "default":
+            assert {"lr", "max_log_gate", "retain_kl", "selection_contrast"} <= overrides.keys(), name
+    assert CONFIGS["m0.2-lr2e-2-kl5"]["selection_contrast"] == 0.0 and CONFIGS["kl5-c1"]["selection_contrast"] == 1.0
