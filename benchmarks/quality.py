@@ -102,6 +102,9 @@ CONFIGS = {
     "kl10-c1": {**STRONG, "retain_kl": 10.0, "selection_contrast": 1.0},
     "kl5-c1-s1": {**STRONG, "retain_kl": 5.0, "selection_contrast": 1.0, "seed": 1},
     "kl5-c1-s2": {**STRONG, "retain_kl": 5.0, "selection_contrast": 1.0, "seed": 2},
+    "kl5-c1-g2500": {**STRONG, "retain_kl": 5.0, "selection_contrast": 1.0, "gates": 2500},
+    "kl5-c1-g10000": {**STRONG, "retain_kl": 5.0, "selection_contrast": 1.0, "gates": 10000},
+    "kl5-c1-m0.1": {**STRONG, "retain_kl": 5.0, "selection_contrast": 1.0, "max_log_gate": 0.1},
     "kl5-s1": {**STRONG, "retain_kl": 5.0, "seed": 1},
     "kl5-s2": {**STRONG, "retain_kl": 5.0, "seed": 2},
 }

@@ -282,6 +282,23 @@ def plots(results, out: Path) -> list[Path]:
         written.append(out / "quality_tradeoff.png")
         fig.savefig(written[-1], dpi=110)
         plt.close(fig)
+    names = probes(results)
+    if summ and len(names) > 1:  # every probe's change under a composed pair, per config
+        fig, ax = plt.subplots(figsize=(max(7.0, 0.75 * len(summ)), 4.2))
+        w = 0.8 / len(names)
+        cols = ["unrelated_change_mean"] + [f"{k}_change_mean" for k in names[1:]]
+        for j, (k, col) in enumerate(zip(names, cols)):
+            ax.bar([i + j * w for i in range(len(summ))], [100 * (r.get(col) or float("nan")) for r in summ], w, label=k)
+        ax.axhline(100 * TARGETS["unrelated"], ls=":", c="gray", label="target +2 %")
+        ax.axhline(0, c="k", lw=0.5)
+        ax.set_xticks([i + 0.4 - w / 2 for i in range(len(summ))], [r["config"] for r in summ], fontsize=7, rotation=30,
+                      ha="right")
+        ax.set_ylabel("probe NLL change under a composed pair (%)")
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        written.append(out / "quality_probes.png")
+        fig.savefig(written[-1], dpi=110)
+        plt.close(fig)
     mem = memory_rows(results)
     if mem:
         cfgs = list(dict.fromkeys(r["config"] for r in mem))

@@ -35,6 +35,7 @@ def test_task_pack_is_seeded_hashed_and_disjoint(tmp_path):
         assert (len(train), len(evals)) == (32, 16)
         assert not {r["prompt"] for r in train} & {r["prompt"] for r in evals}
         assert all(r["query"] in spec["memory"]["queries"] for r in evals) and spec["memory"]["text"]
+    assert {"unrelated", "unrelated_b", "unrelated_c"} <= a.keys()  # three interference probes
     load_manifest(tmp_path / "a")  # hashes verify
     (tmp_path / "a" / "addition" / "eval.jsonl").write_text('{"prompt": "x", "completion": "y"}\n')
     with pytest.raises(ValueError, match="sha256"):
@@ -112,8 +113,19 @@ def test_quality_run_end_to_end_on_a_tiny_model(tmp_path):
     assert quality.main(["retrieval", str(run)]) == 0
     text = (run / "tables.md").read_text()
     assert "recall_at_1" in text and "| lora |" in text
-    for f in ("results.csv", "pairs.csv", "configs.csv", "memory.csv", "quality_arms.png", "quality_memory.png"):
+    for f in ("results.csv", "pairs.csv", "configs.csv", "memory.csv", "quality_arms.png", "quality_memory.png",
+              "quality_probes.png"):
         assert (run / f).stat().st_size > 0
+    # every probe gets its own columns, computed from its own rows
+    from benchmarks.report import config_summary
+
+    row = next(r for r in config_summary(res) if r["config"] == "ctrl-5000")
+    for k in ("unrelated_b", "unrelated_c"):
+        base = next(e["nll"] for e in res["evals"] if e["config"] == "base" and e["task"] == k)
+        pairs = [(p[k]["nll"] - base) / base for p in res["pairs"] if p["config"] == "ctrl-5000" and p["rule"] == "sum"]
+        assert row[f"{k}_change_mean"] == pytest.approx(sum(pairs) / len(pairs))
+        assert row[f"{k}_change_max"] == pytest.approx(max(pairs))
+    assert row["unrelated_b_change_mean"] != row["unrelated_c_change_mean"]
 
 
 def test_default_fit_keeps_to_the_bundled_retain_set(model, tok):
@@ -171,3 +183,21 @@ def test_named_configs_pin_every_default_that_changed():
         if name != "default":
             assert {"lr", "max_log_gate", "retain_kl", "selection_contrast"} <= overrides.keys(), name
     assert CONFIGS["m0.2-lr2e-2-kl5"]["selection_contrast"] == 0.0 and CONFIGS["kl5-c1"]["selection_contrast"] == 1.0
+
+
+def test_retain_sets_stay_apart_from_every_probe():
+    """A retain set that holds a probe's prompt or template would train the KL term on the probe:
+    refused, for all three probes; the bundled and benchmark retain sets pass."""
+    from pathlib import Path
+
+    from benchmarks.tasks.generate import check_retain_apart, probe_hits
+
+    root = Path(__file__).resolve().parents[1]
+    for f in ("ntkmirror/retain.jsonl", "benchmarks/tasks/retain_large.jsonl", "benchmarks/tasks/retain_facts.jsonl"):
+        check_retain_apart((root / f).read_text().splitlines(), f)
+    for text in ("The capital of Chile is Santiago.", "Once upon a time there was a fox.", "The plural of cat is cats.",
+                 "import numpy as np"):
+        assert probe_hits([text]), text
+        with pytest.raises(ValueError, match="probe prompts"):
+            check_retain_apart([json.dumps({"prompt": "", "completion": text})], "r.jsonl")
+    assert probe_hits(["A week has seven days."]) == []
