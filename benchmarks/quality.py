@@ -106,6 +106,8 @@ CONFIGS = {
     "kl5-c1-g10000": {**STRONG, "retain_kl": 5.0, "selection_contrast": 1.0, "gates": 10000},
     "kl10-c1-g10000": {**STRONG, "retain_kl": 10.0, "selection_contrast": 1.0, "gates": 10000},
     "kl20-c1-g10000": {**STRONG, "retain_kl": 20.0, "selection_contrast": 1.0, "gates": 10000},
+    "kl20-c1-g10000-s1": {**STRONG, "retain_kl": 20.0, "selection_contrast": 1.0, "gates": 10000, "seed": 1},
+    "kl20-c1-g10000-s2": {**STRONG, "retain_kl": 20.0, "selection_contrast": 1.0, "gates": 10000, "seed": 2},
     "kl40-c1-g10000": {**STRONG, "retain_kl": 40.0, "selection_contrast": 1.0, "gates": 10000},
     "kl5-c1-m0.1": {**STRONG, "retain_kl": 5.0, "selection_contrast": 1.0, "max_log_gate": 0.1},
     "kl5-s1": {**STRONG, "retain_kl": 5.0, "seed": 1},
