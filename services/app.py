@@ -13,6 +13,7 @@ import asyncio
 import base64
 import binascii
 import hashlib
+import json
 import logging
 import os
 from typing import Literal, Optional
@@ -150,8 +151,8 @@ class Ingress:
               responses={202: {"model": JobOut, "description": "fit job accepted"}})
     async def create_memory(self, body: MemoryCreate, response: Response, token: Optional[str] = Depends(bearer),
                             idempotency_key: Optional[str] = Header(
-                                None, max_length=255, description="registering a controller: a retry with the "
-                                "same key returns the memory version the first request made (no second version)")):
+                                None, max_length=255, description="a retry with the same key returns what the first "
+                                "request made: the memory version (no second version) or the fit job (no second fit)")):
         """Register a controller (201 with the memory) or fit one from examples (202 with a job)."""
         tenant, quotas = await self._tenant(token)
         if body.controller is not None:
@@ -174,13 +175,15 @@ class Ingress:
         current = await http.result(self.retrieval.list.remote(tenant))
         if body.id not in {i["id"] for i in current} and len(current) >= quotas.max_memories:
             raise QuotaError(f"memory quota reached ({quotas.max_memories} memories); delete some first")
-        job = await asyncio.to_thread(self.jobs.create, tenant, body.id)
         spec = {"id": body.id, "text": body.text, "tags": body.all_tags(), "metadata": body.metadata,
-                "examples": [e.model_dump() for e in body.examples], "fit": spec_fit,
-                "max_memories": quotas.max_memories}
-        task = asyncio.create_task(self._dispatch(tenant, job["id"], spec))
-        self._dispatched.add(task)
-        task.add_done_callback(self._dispatched.discard)
+                "examples": [e.model_dump() for e in body.examples], "fit": spec_fit}
+        digest = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()  # what a retry must repeat
+        spec["max_memories"] = quotas.max_memories
+        job, created = await asyncio.to_thread(self.jobs.create, tenant, body.id, idempotency_key, digest)
+        if created:  # a retry of an accepted request gets its job back, not a second fit
+            task = asyncio.create_task(self._dispatch(tenant, job["id"], spec))
+            self._dispatched.add(task)
+            task.add_done_callback(self._dispatched.discard)
         response.status_code = 202
         return JobOut(**job)
 

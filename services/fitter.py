@@ -10,6 +10,7 @@ deployment and records the outcome.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import re
 import secrets
@@ -18,7 +19,7 @@ import time
 from ray import serve
 
 from ntkmirror.data import Example
-from ntkmirror.errors import NotFound, NtkMirrorError
+from ntkmirror.errors import ConfigError, NotFound, NtkMirrorError
 from ntkmirror.fit import FitConfig, fit_controller
 
 from .generator import load_replica_model
@@ -33,12 +34,24 @@ class Jobs:
     def __init__(self, state: StateStore):
         self.state = state
 
-    def create(self, tenant: str, memory_id: str) -> dict:
+    def create(self, tenant: str, memory_id: str, idempotency_key: str | None = None,
+               request_sha256: str | None = None) -> tuple[dict, bool]:
+        """A new queued job, or, for a retry (the same idempotency key and request), the job the
+        first request made; returns (job, created). The same key with another request is refused."""
         now = time.time()
         job = {"id": f"job-{secrets.token_hex(12)}", "status": "queued", "memory_id": memory_id,
                "created_at": now, "updated_at": now, "error": None, "memory": None}
-        self.state.put(f"job:{tenant}:{job['id']}", job)
-        return job
+        self.state.put(f"job:{tenant}:{job['id']}", job)  # first, so a stored key always names a job
+        if idempotency_key is None:
+            return job, True
+        key = f"jobkey:{tenant}:{hashlib.sha256(idempotency_key.encode()).hexdigest()}"
+        first = self.state.put_if_absent(key, {"job_id": job["id"], "request_sha256": request_sha256})
+        if first is None:
+            return job, True
+        self.state.delete(f"job:{tenant}:{job['id']}")  # a retry: drop the job this call made
+        if first["request_sha256"] != request_sha256:
+            raise ConfigError(f"Idempotency-Key {idempotency_key!r} was already used for another request")
+        return self.get(tenant, first["job_id"]), False
 
     def get(self, tenant: str, job_id: str) -> dict:
         job = self.state.get(f"job:{tenant}:{job_id}") if JOB_ID.match(job_id) else None

@@ -33,6 +33,11 @@ class StateStore(ABC):
     def put(self, key: str, value: dict) -> None: ...
 
     @abstractmethod
+    def put_if_absent(self, key: str, value: dict) -> dict | None:
+        """Store value under key unless the key exists (atomically); return the existing value, or
+        None when this call stored it."""
+
+    @abstractmethod
     def delete(self, key: str) -> bool: ...
 
     @abstractmethod
@@ -52,9 +57,9 @@ class RedisState(StateStore):
         self._errors = (redis.RedisError, OSError)
         self.r = redis.Redis.from_url(url, socket_timeout=2.0, socket_connect_timeout=2.0, decode_responses=True)
 
-    def _call(self, fn, *args):
+    def _call(self, fn, *args, **kw):
         try:
-            return fn(*args)
+            return fn(*args, **kw)
         except self._errors as e:
             raise StoreError(f"state store unavailable ({type(e).__name__})") from None
 
@@ -64,6 +69,14 @@ class RedisState(StateStore):
 
     def put(self, key, value):
         self._call(self.r.set, self.PREFIX + key, json.dumps(value))
+
+    def put_if_absent(self, key, value):
+        while True:
+            if self._call(self.r.set, self.PREFIX + key, json.dumps(value), nx=True):
+                return None
+            old = self.get(key)
+            if old is not None:  # else it was deleted in between: try again
+                return old
 
     def delete(self, key):
         return bool(self._call(self.r.delete, self.PREFIX + key))
@@ -146,6 +159,15 @@ class FileState(StateStore):
 
     def put(self, key, value):
         self._update(lambda d: d.__setitem__(key, value))
+
+    def put_if_absent(self, key, value):
+        def run(d):
+            if key in d:
+                return json.loads(json.dumps(d[key]))
+            d[key] = value
+            return None
+
+        return self._update(run)
 
     def delete(self, key):
         return self._update(lambda d: d.pop(key, None) is not None)

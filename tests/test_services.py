@@ -261,6 +261,43 @@ def test_idempotency_key_makes_registration_safe_to_retry(http, model_ref):
     assert http.post("/v1/memories", headers=h, json=body).json()["version"] == 2  # no key: a new version
 
 
+@pytest.mark.parametrize("backend", ["file", "redis"])
+def test_state_put_if_absent_keeps_the_first_value(backend, tmp_path, request):
+    from services.state import StateStore
+
+    state = StateStore.from_url(str(tmp_path) if backend == "file" else request.getfixturevalue("redis_url"))
+    key = f"k:{tmp_path.name}"
+    assert state.put_if_absent(key, {"v": 1}) is None
+    assert state.put_if_absent(key, {"v": 2}) == {"v": 1}
+    assert state.get(key) == {"v": 1}
+    assert state.delete(key) and state.put_if_absent(key, {"v": 3}) is None and state.get(key) == {"v": 3}
+
+
+def test_idempotency_key_makes_a_fit_request_safe_to_retry(http):
+    """A retried fit request with the same Idempotency-Key gets the first request's job (one fit,
+    one memory version); the key with another body is a 422 and starts nothing."""
+    from tiny import arithmetic_rows
+
+    h = new_tenant(http, "idemfit")
+    body = {"id": "adder", "text": "two-digit addition", "examples": arithmetic_rows(4),
+            "fit": {"gates": 8, "steps": 2, "score_batches": 1, "batch_size": 4}}
+    r1 = http.post("/v1/memories", headers={**h, "Idempotency-Key": "fit-1"}, json=body)
+    r2 = http.post("/v1/memories", headers={**h, "Idempotency-Key": "fit-1"}, json=body)
+    assert r1.status_code == r2.status_code == 202, (r1.text, r2.text)
+    assert r1.json()["id"] == r2.json()["id"]
+    r3 = http.post("/v1/memories", headers={**h, "Idempotency-Key": "fit-1"}, json={**body, "text": "other"})
+    assert r3.status_code == 422 and "already used" in assert_clean(r3)["message"]
+    job, deadline = r1.json(), time.time() + 120
+    while job["status"] in ("queued", "running") and time.time() < deadline:
+        time.sleep(0.5)
+        job = http.get(f"/v1/jobs/{job['id']}", headers=h).json()
+    assert job["status"] == "succeeded", job
+    r4 = http.post("/v1/memories", headers={**h, "Idempotency-Key": "fit-1"}, json=body)
+    assert r4.status_code == 202 and r4.json()["id"] == job["id"] and r4.json()["status"] == "succeeded"
+    time.sleep(1.0)  # a second fit, had one started, would have stored version 2 by now
+    assert http.get("/v1/memories/adder", headers=h).json()["version"] == 1
+
+
 def test_fit_job_runs_to_completion(http):
     from tiny import arithmetic_rows
 
