@@ -215,6 +215,7 @@ def fit_controllers(model, tokenizer, datasets: Sequence[Sequence[Example]], con
     if retain is None and (cfg.retain_kl > 0 or cfg.selection_contrast > 0):
         retain = default_retain_examples()
     use_retain = bool(retain) and cfg.retain_kl > 0
+    contrast = bool(retain) and cfg.selection_contrast > 0 and cfg.score != "random"
     if retain:
         if cfg.retain_tokens == "all":  # the prompt is text to leave alone too
             retain = [Example("", ex.prompt + ex.completion, ex.source) for ex in retain]
@@ -227,7 +228,7 @@ def fit_controllers(model, tokenizer, datasets: Sequence[Sequence[Example]], con
         score_samplers = [BatchSampler(len(e), cfg.batch_size, cfg.seed) for e in enc]
         score_iter = (_pack(enc, [s.next() for s in score_samplers], pad) for _ in range(cfg.score_batches))
         scores = saliency_scores(model, score_iter, C, layers, hidden, cfg.score)  # (C, L_g, H)
-        if retain and cfg.selection_contrast > 0:  # prefer channels the retain text does not lean on
+        if contrast:  # prefer channels the retain text does not lean on
             bs = cfg.batch_size
             chunks = [retain_enc[i: i + bs] for i in range(0, len(retain_enc), bs)][: cfg.score_batches]
             generic = saliency_scores(model, ((collate(ch, pad), torch.zeros(len(ch), dtype=torch.long))
@@ -279,7 +280,7 @@ def fit_controllers(model, tokenizer, datasets: Sequence[Sequence[Example]], con
     for c in range(C):
         fit_stats = {**asdict(cfg), "steps_run": steps_run, "train_nll_before": nll_before[c],
                      "train_nll_after": nll_after[c], "seconds": seconds, "pack_size": C,
-                     "n_examples": len(datasets[c]), "retain_examples": len(retain) if use_retain else 0}
+                     "n_examples": len(datasets[c]), "retain_examples": len(retain) if use_retain or contrast else 0}
         if val_enc:
             fit_stats["val_nll_best"] = best_val[c]
         meta = {**base, "fit": fit_stats, "data_hash": data_hash(datasets[c]), **(extra_meta[c] if extra_meta else {})}

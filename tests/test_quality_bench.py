@@ -135,8 +135,11 @@ def test_default_fit_keeps_to_the_bundled_retain_set(model, tok):
     data = [Example(**r) for r in arithmetic_rows(8)]
     kw = dict(gates=8, steps=1, batch_size=4, score_batches=1)
     on = fit_controllers(model, tok, [data], FitConfig(**kw), progress=False)[0]
-    off = fit_controllers(model, tok, [data], FitConfig(**kw, retain_kl=0.0), progress=False)[0]
+    off = fit_controllers(model, tok, [data], FitConfig(**kw, retain_kl=0.0, selection_contrast=0.0), progress=False)[0]
     assert on.meta["fit"]["retain_examples"] == 32 and off.meta["fit"]["retain_examples"] == 0
+    # the retain set chooses the gates even without the KL term, and the record says so
+    chooses = fit_controllers(model, tok, [data], FitConfig(**kw, retain_kl=0.0), progress=False)[0]
+    assert chooses.meta["fit"]["retain_examples"] == 32
     with pytest.raises(Exception, match="retain_kl"):
         FitConfig(retain_kl=-1.0).check()
 
