@@ -111,6 +111,26 @@ def config_summary(results) -> list[dict]:
     return rows
 
 
+def task_rows(results, rule="sum") -> list[dict]:
+    """The issue's three numbers per config and task: gain share, the task's retention over the
+    pairs it is in (mean / min), and each probe's change under those pairs (mean / max)."""
+    ev = _index(results)[0]
+    out = []
+    for c in dict.fromkeys(p["config"] for p in results["pairs"] if p["rule"] == rule):
+        by_probe = {k: pair_rows(results, c, rule, k) for k in probes(results)}
+        tasks = list(dict.fromkeys(t for p in by_probe["unrelated"] for t in (p["a"], p["b"])))
+        for t in tasks:
+            ret = [p[f"retained_{side}"] for p in by_probe["unrelated"] for side in "ab" if p[side] == t]
+            row = {"config": c, "task": t, "gain_share": gain_share(ev, c, t)[0],
+                   "retention_mean": mean(ret), "retention_min": min(ret)}
+            for k, rows in by_probe.items():
+                ch = [p["unrelated_change"] for p in rows if t in (p["a"], p["b"])]
+                if ch:
+                    row[f"{k}_change_mean"], row[f"{k}_change_max"] = mean(ch), max(ch)
+            out.append(row)
+    return out
+
+
 def pair_rows(results, config, rule="sum", probe="unrelated") -> list[dict]:
     """Composed pairs of one config and rule; unrelated_* columns are for `probe`."""
     ev, _, base_unrel = _index(results, probe)
@@ -322,7 +342,7 @@ def plots(results, out: Path) -> list[Path]:
 
 
 def report(run_dirs, img: Path | None = None) -> str:
-    """Write results.csv, pairs.csv, configs.csv, memory.csv, tables.md and plots into the last
+    """Write results.csv, pairs.csv, configs.csv, tasks.csv, memory.csv, tables.md and plots into the last
     run dir; return the markdown."""
     results = merge(run_dirs)
     out = Path(run_dirs[-1])
@@ -348,6 +368,12 @@ def report(run_dirs, img: Path | None = None) -> str:
                 "unrelated_change_mean_max", "retention_mean_mean", "unrelated_change_mean_mean"]
         cols += [f"{k}_{x}" for k in probes(results)[1:] for x in ("single_change", "change_mean", "change_max")]
         md.append("### Configs: the three numbers (rule sum unless suffixed)\n\n" + _md(summ, cols))
+    per_task = task_rows(results)
+    if per_task:
+        _write_csv(out / "tasks.csv", per_task)
+        md.append("### Per task: gain share, retention and probe changes over the pairs it is in (rule sum)\n\n" +
+                  _md(per_task, ["config", "task", "gain_share", "retention_mean", "retention_min"] +
+                      [f"{k}_change_{x}" for k in probes(results) for x in ("mean", "max")]))
     if pairs:
         md.append("### Composed pairs\n\n" + _md(pairs, ["config", "rule", "a", "b", "retained_a", "retained_b",
                                                          "em_a", "em_b", "unrelated_change", "clip_fraction",

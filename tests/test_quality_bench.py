@@ -126,6 +126,17 @@ def test_quality_run_end_to_end_on_a_tiny_model(tmp_path):
         assert row[f"{k}_change_mean"] == pytest.approx(sum(pairs) / len(pairs))
         assert row[f"{k}_change_max"] == pytest.approx(max(pairs))
     assert row["unrelated_b_change_mean"] != row["unrelated_c_change_mean"]
+    from benchmarks.report import task_rows
+
+    per_task = {r["task"]: r for r in task_rows(res) if r["config"] == "ctrl-5000"}
+    assert set(per_task) == set(MAIN_TASKS)
+    sums = [p for p in res["pairs"] if p["config"] == "ctrl-5000" and p["rule"] == "sum"]
+    base = next(e["nll"] for e in res["evals"] if e["config"] == "base" and e["task"] == "unrelated_c")
+    for t, r in per_task.items():  # each task's numbers come from the 3 pairs it is in
+        mine = [p for p in sums if t in (p["a"], p["b"])]
+        assert len(mine) == 3 and r["unrelated_c_change_max"] == pytest.approx(max(
+            (p["unrelated_c"]["nll"] - base) / base for p in mine))
+    assert (run / "tasks.csv").stat().st_size > 0
 
 
 def test_default_fit_keeps_to_the_bundled_retain_set(model, tok):
