@@ -120,9 +120,10 @@ def task_rows(results, rule="sum") -> list[dict]:
         by_probe = {k: pair_rows(results, c, rule, k) for k in probes(results)}
         tasks = list(dict.fromkeys(t for p in by_probe["unrelated"] for t in (p["a"], p["b"])))
         for t in tasks:
-            ret = [p[f"retained_{side}"] for p in by_probe["unrelated"] for side in "ab" if p[side] == t]
+            ret = [p[f"retained_{side}"] for p in by_probe["unrelated"] for side in "ab"
+                   if p[side] == t and p[f"retained_{side}"] is not None]  # None: the single controller gained nothing
             row = {"config": c, "task": t, "gain_share": gain_share(ev, c, t)[0],
-                   "retention_mean": mean(ret), "retention_min": min(ret)}
+                   "retention_mean": mean(ret) if ret else None, "retention_min": min(ret) if ret else None}
             for k, rows in by_probe.items():
                 ch = [p["unrelated_change"] for p in rows if t in (p["a"], p["b"])]
                 if ch:

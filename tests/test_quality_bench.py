@@ -215,3 +215,20 @@ def test_retain_sets_stay_apart_from_every_probe():
         with pytest.raises(ValueError, match="probe prompts"):
             check_retain_apart([json.dumps({"prompt": "", "completion": text})], "r.jsonl")
     assert probe_hits(["A week has seven days."]) == []
+
+
+def test_per_task_rows_handle_a_controller_that_gained_nothing():
+    """Retention is undefined for a task whose single controller did not beat base (old runs have
+    such arms): the per-task table leaves it empty instead of failing, and keeps the probe numbers."""
+    from benchmarks.report import task_rows
+
+    ev = lambda config, task, nll, **kw: {"config": config, "task": task, "nll": nll, **kw}  # noqa: E731
+    results = {"evals": [ev("base", "a", 1.0), ev("base", "b", 2.0), ev("base", "unrelated", 1.0),
+                         ev("c", "a", 1.5), ev("c", "b", 1.0)],
+               "pairs": [{"config": "c", "rule": "sum", "a": "a", "b": "b", "clip_fraction": 0.0, "overlap": 0,
+                          "jaccard": 0.0, "cosine": 0.0, "opposing_sign_overlap": 0,
+                          "eval_a": {"nll": 1.2}, "eval_b": {"nll": 1.5}, "unrelated": {"nll": 1.1}}]}
+    rows = {r["task"]: r for r in task_rows(results)}
+    assert rows["a"]["retention_mean"] is None  # a got worse alone: no gain to retain
+    assert rows["b"]["retention_mean"] == pytest.approx(0.5)  # (2.0 - 1.5) / (2.0 - 1.0)
+    assert rows["a"]["unrelated_change_mean"] == rows["b"]["unrelated_change_max"] == pytest.approx(0.1)
