@@ -121,7 +121,7 @@ CONFIGS = {
 NOT_FIT_FIELDS = ("retain_set",)  # config keys the benchmark handles itself (a retain file other than the manifest's)
 MAIN_ARMS = ("ctrl-5000", "lora", "ia3", "ctrl-512", "ctrl-all", "random-5000")
 PEFT = ("lora", "ia3")
-RULES = ("sum", "max", "mean")  # composition rules compared (see compose_rule)
+RULES = ("sum", "max", "mean", "overlap-mean", "w0.8")  # composition rules compared (see compose_rule)
 
 
 # ------------------------------------------------------------------ scoring
@@ -191,23 +191,27 @@ def score_jobs(model, tok, jobs: list[Job], batch_size: int = 128) -> dict[tuple
 
 
 def compose_rule(ctrls: list[Controller], rule: str) -> tuple[Controller, dict]:
-    """sum: ntkmirror.compose (clipped sum, the default); mean: weights 1/n;
-    max: on shared gates keep the input with the largest |s| (no adding)."""
+    """sum: ntkmirror.compose (clipped sum, the default); mean: weights 1/n; w0.8: weights 0.8;
+    max: on shared gates keep the input with the largest |s| (no adding); overlap-mean: on shared
+    gates the mean of the inputs, elsewhere each input's own value."""
     if rule == "sum":
         return compose(ctrls)
-    if rule == "mean":
-        return compose(ctrls, weights=[1 / len(ctrls)] * len(ctrls))
-    if rule == "max":
+    if rule in ("mean", "w0.8"):
+        return compose(ctrls, weights=[1 / len(ctrls) if rule == "mean" else 0.8] * len(ctrls))
+    if rule in ("max", "overlap-mean"):
         H = ctrls[0].hidden_size
         keys = torch.cat([c.keys() for c in ctrls])
         s = torch.cat([c.log_gates() for c in ctrls])
-        order = torch.argsort(s.abs(), descending=True, stable=True)
-        keys, s = keys[order], s[order]
         uniq, inv = torch.unique(keys, return_inverse=True)
-        first = torch.full((len(uniq),), len(keys), dtype=torch.long).scatter_reduce(
-            0, inv, torch.arange(len(keys)), "amin")  # the largest |s| of each key
+        if rule == "max":
+            order = torch.argsort(s.abs(), descending=True, stable=True)
+            first = torch.full((len(uniq),), len(keys), dtype=torch.long).scatter_reduce(
+                0, inv[order], torch.arange(len(keys)), "amin")  # the largest |s| of each key
+            value = s[order][first]
+        else:
+            value = torch.zeros(len(uniq)).index_add_(0, inv, s) / torch.bincount(inv, minlength=len(uniq))
         base, report = compose(ctrls)
-        out = Controller.from_log_gates(uniq // H, uniq % H, s[first], base.max_log_gate, n_layers=base.n_layers,
+        out = Controller.from_log_gates(uniq // H, uniq % H, value, base.max_log_gate, n_layers=base.n_layers,
                                         hidden_size=H, meta=base.meta)
         return out, {**report, "clipped": 0, "clip_fraction": 0.0}
     raise ValueError(f"unknown composition rule {rule!r}")
@@ -523,6 +527,49 @@ def retrieval(run_dir: Path, config: str | None = None, top_k: int = 3) -> dict:
     return results
 
 
+def rescore_rules(run_dir: Path, config: str, rules: list[str], tasks: str, model_ref=None, tokenizer=None,
+                  tiny: bool = False, rows: int = 0) -> list[dict]:
+    """Re-score every pair of main tasks of one config's saved controllers (controllers.zip) under
+    other composition rules: each task's retention and each probe's NLL change. Forward passes
+    only (CPU is fine); writes rules.json into the run dir."""
+    from ntkmirror.models import load_model
+
+    results = json.loads((Path(run_dir) / "results.json").read_text())
+    manifest = load_manifest(tasks)
+    root = Path(manifest["root"])
+    model, tok = _tiny() if tiny else load_model(model_ref, dtype="float32")
+    if tokenizer:
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(tokenizer)
+    main = results["meta"]["main_tasks"]
+    with zipfile.ZipFile(Path(run_dir) / "controllers.zip") as z:
+        ctrls = {t: Controller.from_bytes(z.read(f"{config}/{t}.safetensors")) for t in main}
+    evals = {t: load_jsonl_examples(root / manifest["tasks"][t]["eval"], tok)[: rows or None] for t in main}
+    probes = {k: load_jsonl_examples(root / manifest[k], tok)[: rows or None]
+              for k in ("unrelated", "unrelated_b", "unrelated_c") if k in manifest}
+    pairs = list(combinations(main, 2))
+    comps = {(a, b, r): compose_rule([ctrls[a], ctrls[b]], r)[0] for a, b in pairs for r in rules}
+    jobs = ([Job(("base", t), evals[t], exact=False) for t in main] +
+            [Job(("base", k), ex, exact=False, add_eos=False) for k, ex in probes.items()] +
+            [Job((t,), evals[t], [(ctrls[t], 1.0)], exact=False) for t in main])
+    for key, comp in comps.items():
+        jobs += [Job((*key, t), evals[t], [(comp, 1.0)], exact=False) for t in key[:2]]
+        jobs += [Job((*key, k), ex, [(comp, 1.0)], exact=False, add_eos=False) for k, ex in probes.items()]
+    nll = {k: summarise(v)["nll"] for k, v in score_jobs(model, tok, jobs).items()}
+    out = []
+    for (a, b, r) in comps:
+        row = {"config": config, "rule": r, "a": a, "b": b}
+        for side, t in (("a", a), ("b", b)):
+            gain = nll[("base", t)] - nll[(t,)]
+            row[f"retained_{side}"] = (nll[("base", t)] - nll[(a, b, r, t)]) / gain if gain > 0 else None
+        for k in probes:
+            row[f"{k}_change"] = (nll[(a, b, r, k)] - nll[("base", k)]) / nll[("base", k)]
+        out.append(row)
+    (Path(run_dir) / "rules.json").write_text(json.dumps(out, indent=1))
+    return out
+
+
 # ------------------------------------------------------------------ CLI
 
 
@@ -557,6 +604,15 @@ def main(argv=None) -> int:
     q = sub.add_parser("retrieval", help="recall@1 and the retrieved condition, through memory_store")
     q.add_argument("run_dir", type=Path)
     q.add_argument("--top-k", type=int, default=3)
+    c = sub.add_parser("rules", help="re-score one config's saved pairs under other composition rules (CPU is fine)")
+    c.add_argument("run_dir", type=Path)
+    c.add_argument("--config", required=True, help="a config whose controllers are in the run's controllers.zip")
+    c.add_argument("--rules", default=",".join(RULES))
+    c.add_argument("--tasks", default="runs/tasks", help="the run's task pack (checked by sha256)")
+    c.add_argument("--model", default=None)
+    c.add_argument("--tokenizer", default=None)
+    c.add_argument("--rows", type=int, default=0, help="eval / probe rows per task (0: all)")
+    c.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)
     p = sub.add_parser("report", help="tables (CSV, markdown) and plots from one or more run dirs")
     p.add_argument("run_dirs", type=Path, nargs="+")
     p.add_argument("--img", type=Path, default=None, help="also copy the plots here (e.g. docs/img)")
@@ -569,6 +625,16 @@ def main(argv=None) -> int:
             ap.error(f"unknown config or rule: {', '.join(bad)}")
         run_dir = run(args)
         print(report([run_dir]))
+    elif args.cmd == "rules":
+        bad = [r for r in args.rules.split(",") if r not in RULES]
+        if bad:
+            ap.error(f"unknown rule: {', '.join(bad)}; choose from {', '.join(RULES)}")
+        out = rescore_rules(args.run_dir, args.config, args.rules.split(","), args.tasks, args.model, args.tokenizer,
+                            args.tiny, args.rows)
+        cols = ["rule", "a", "b", "retained_a", "retained_b"] + [k for k in out[0] if k.endswith("_change")]
+        from .report import _md
+
+        print(_md(out, cols))
     elif args.cmd == "retrieval":
         retrieval(args.run_dir, top_k=args.top_k)
         print(report([args.run_dir]))

@@ -90,6 +90,10 @@ def test_composition_rules():
     assert rep["clipped"] == 0  # 0.05 + 0.15 sits exactly on the bound
     assert torch.allclose(dense(biggest)[[1, 2, 3, 9]], torch.tensor([0.15, -0.1, 0.15, 0.1]), atol=1e-5)
     assert torch.allclose(dense(half), 0.5 * dense(summed), atol=1e-5)
+    shrunk, _ = compose_rule([a, b], "w0.8")
+    assert torch.allclose(dense(shrunk)[[1, 2, 3, 9]], torch.tensor([0.12, -0.12, 0.16, 0.08]), atol=1e-5)
+    shared, _ = compose_rule([a, b], "overlap-mean")  # keys 2 and 3 are shared: their mean; 1 and 9 kept
+    assert torch.allclose(dense(shared)[[1, 2, 3, 9]], torch.tensor([0.15, -0.075, 0.1, 0.1]), atol=1e-5)
 
 
 def test_quality_run_end_to_end_on_a_tiny_model(tmp_path):
@@ -137,6 +141,18 @@ def test_quality_run_end_to_end_on_a_tiny_model(tmp_path):
         assert len(mine) == 3 and r["unrelated_c_change_max"] == pytest.approx(max(
             (p["unrelated_c"]["nll"] - base) / base for p in mine))
     assert (run / "tasks.csv").stat().st_size > 0
+    # re-scoring the saved controllers reproduces the run's sum-rule pairs, and scores other rules too
+    assert quality.main(["rules", str(run), "--config", "ctrl-5000", "--tiny", "--tasks", str(tmp_path / "tasks"),
+                         "--rules", "sum,w0.8"]) == 0
+    again = json.loads((run / "rules.json").read_text())
+    assert len(again) == 6 * 2 and {r["rule"] for r in again} == {"sum", "w0.8"}
+    from benchmarks.report import pair_rows
+
+    for p in pair_rows(res, "ctrl-5000", "sum", "unrelated_c"):
+        r = next(x for x in again if (x["a"], x["b"], x["rule"]) == (p["a"], p["b"], "sum"))
+        assert r["unrelated_c_change"] == pytest.approx(p["unrelated_change"], rel=1e-3, abs=1e-5)  # other batching
+        if p["retained_a"] is not None:
+            assert r["retained_a"] == pytest.approx(p["retained_a"], rel=1e-3)
 
 
 def test_default_fit_keeps_to_the_bundled_retain_set(model, tok):
