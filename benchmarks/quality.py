@@ -39,7 +39,7 @@ from ntkmirror.gates import attach, row_gates
 from ntkmirror.models import find_decoder_layers, hidden_size
 
 from .report import rank_configs, report, summarise
-from .tasks.generate import load_manifest
+from .tasks.generate import PROBES, load_manifest
 
 # FitConfig overrides per config. SEED pins the seed's defaults (the runs in docs/results.md were made
 # with them); "default" is FitConfig() as it stands (since then: max_log_gate 0.2, lr 2e-2, retain_kl 5,
@@ -296,16 +296,10 @@ def _peak(device, mem0):
 
 
 def run(args) -> Path:
-    from ntkmirror.models import load_model
-
     R = Run(args)
     manifest = load_manifest(args.tasks)
     root = Path(manifest["root"])
-    model, tok = load_model(args.model, device=args.device, dtype=args.dtype) if not args.tiny else _tiny()
-    if args.tokenizer:  # e.g. the tokenizer files of the local cache, so every host appends the same EOS
-        from transformers import AutoTokenizer
-
-        tok = AutoTokenizer.from_pretrained(args.tokenizer)
+    model, tok = load_benchmark_model(args.model, args.tokenizer, args.tiny, args.device, args.dtype)
     device = next(model.parameters()).device
     n_all = len(find_decoder_layers(model)[1]) * hidden_size(model)
     task_names = list(manifest["tasks"])
@@ -314,9 +308,7 @@ def run(args) -> Path:
              for t in task_names}
     evals = {t: load_jsonl_examples(root / manifest["tasks"][t]["eval"], tok)[: args.eval_rows or None]
              for t in task_names}
-    # interference probes, never trained on: {"unrelated": ..., "unrelated_b": ..., "unrelated_c": ...} (b, c: newer manifests)
-    unrelated = {k: load_jsonl_examples(root / manifest[k], tok)[: args.eval_rows or None]
-                 for k in ("unrelated", "unrelated_b", "unrelated_c") if k in manifest}
+    unrelated = probe_examples(manifest, tok, args.eval_rows)
     retain = load_jsonl_examples(root / manifest["retain"], tok)
     queries = {t: [json.loads(line).get("query", "")
                    for line in (root / manifest["tasks"][t]["eval"]).read_text().splitlines()] for t in task_names}
@@ -482,6 +474,26 @@ def memory_stage(R: Run, model, tok, config: str, ctrls: dict, evals: dict, quer
     R.log(f"memory ({config}): {len(tasks)} memories x {len(tasks)} tasks in {time.perf_counter() - t0:.1f}s")
 
 
+def load_benchmark_model(model_ref=None, tokenizer=None, tiny: bool = False, device=None, dtype="float32"):
+    """The model under test (default: the embedded one; tiny: a random smoke-test model) and its
+    tokenizer, or the tokenizer files of `tokenizer` (e.g. a local cache's, so every host appends
+    the same EOS)."""
+    from ntkmirror.models import load_model
+
+    model, tok = _tiny() if tiny else load_model(model_ref, device=device, dtype=dtype)
+    if tokenizer:
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(tokenizer)
+    return model, tok
+
+
+def probe_examples(manifest: dict, tok, rows: int = 0) -> dict[str, list]:
+    """The interference probes a task pack holds (never trained on; older packs lack B and C)."""
+    root = Path(manifest["root"])
+    return {k: load_jsonl_examples(root / manifest[k], tok)[: rows or None] for k in PROBES if k in manifest}
+
+
 def _tiny():
     """A tiny random model for smoke tests (tests/tiny.py)."""
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
@@ -532,22 +544,15 @@ def rescore_rules(run_dir: Path, config: str, rules: list[str], tasks: str, mode
     """Re-score every pair of main tasks of one config's saved controllers (controllers.zip) under
     other composition rules: each task's retention and each probe's NLL change. Forward passes
     only (CPU is fine); writes rules.json into the run dir."""
-    from ntkmirror.models import load_model
-
     results = json.loads((Path(run_dir) / "results.json").read_text())
     manifest = load_manifest(tasks)
     root = Path(manifest["root"])
-    model, tok = _tiny() if tiny else load_model(model_ref, dtype="float32")
-    if tokenizer:
-        from transformers import AutoTokenizer
-
-        tok = AutoTokenizer.from_pretrained(tokenizer)
+    model, tok = load_benchmark_model(model_ref, tokenizer, tiny)
     main = results["meta"]["main_tasks"]
     with zipfile.ZipFile(Path(run_dir) / "controllers.zip") as z:
         ctrls = {t: Controller.from_bytes(z.read(f"{config}/{t}.safetensors")) for t in main}
     evals = {t: load_jsonl_examples(root / manifest["tasks"][t]["eval"], tok)[: rows or None] for t in main}
-    probes = {k: load_jsonl_examples(root / manifest[k], tok)[: rows or None]
-              for k in ("unrelated", "unrelated_b", "unrelated_c") if k in manifest}
+    probes = probe_examples(manifest, tok, rows)
     pairs = list(combinations(main, 2))
     comps = {(a, b, r): compose_rule([ctrls[a], ctrls[b]], r)[0] for a, b in pairs for r in rules}
     jobs = ([Job(("base", t), evals[t], exact=False) for t in main] +

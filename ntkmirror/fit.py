@@ -212,11 +212,12 @@ def fit_controllers(model, tokenizer, datasets: Sequence[Sequence[Example]], con
     enc = [encode_all(tokenizer, ds, cfg.max_length, cfg.add_eos) for ds in datasets]
     C = len(enc)
 
-    if retain is None and (cfg.retain_kl > 0 or cfg.selection_contrast > 0):
+    wants_contrast = cfg.selection_contrast > 0 and cfg.score != "random"
+    if retain is None and (cfg.retain_kl > 0 or wants_contrast):
         retain = default_retain_examples()
     use_retain = bool(retain) and cfg.retain_kl > 0
-    contrast = bool(retain) and cfg.selection_contrast > 0 and cfg.score != "random"
-    if retain:
+    contrast = bool(retain) and wants_contrast
+    if use_retain or contrast:
         if cfg.retain_tokens == "all":  # the prompt is text to leave alone too
             retain = [Example("", ex.prompt + ex.completion, ex.source) for ex in retain]
         retain_enc = encode_all(tokenizer, retain, cfg.max_length, cfg.add_eos)
@@ -229,10 +230,10 @@ def fit_controllers(model, tokenizer, datasets: Sequence[Sequence[Example]], con
         score_iter = (_pack(enc, [s.next() for s in score_samplers], pad) for _ in range(cfg.score_batches))
         scores = saliency_scores(model, score_iter, C, layers, hidden, cfg.score)  # (C, L_g, H)
         if contrast:  # prefer channels the retain text does not lean on
-            bs = cfg.batch_size
-            chunks = [retain_enc[i: i + bs] for i in range(0, len(retain_enc), bs)][: cfg.score_batches]
-            generic = saliency_scores(model, ((collate(ch, pad), torch.zeros(len(ch), dtype=torch.long))
-                                              for ch in chunks), 1, layers, hidden, cfg.score)[0]
+            bs, n = cfg.batch_size, len(retain_enc)
+            chunks = [range(i, min(i + bs, n)) for i in range(0, n, bs)][: cfg.score_batches]
+            generic = saliency_scores(model, (_pack([retain_enc], [ch], pad) for ch in chunks),
+                                      1, layers, hidden, cfg.score)[0]
             scores = contrast_scores(scores, generic, cfg.selection_contrast)
     picked = [top_gates(scores[c], layers, cfg.gates) for c in range(C)]
     gates = PackedGates([p[0] for p in picked], [p[1] for p in picked], hidden, cfg.max_log_gate, device)

@@ -252,17 +252,17 @@ CODE_LINES = [("import numpy as", " np"), ("import pandas as", " pd"), ("import 
               ("console.log('hello", "');"), ("git commit -m", ' "'), ("pip install", " numpy")]
 
 
-def unrelated_c_rows() -> list[dict]:
-    return [{"prompt": p, "completion": c} for p, c in WORD_FORMS + CODE_LINES]
+def probe_rows() -> dict[str, list[dict]]:
+    """Every interference probe's rows, by its name in the manifest (A, then B, then C)."""
+    pairs = {"unrelated": [(f"The capital of {c} is", f" {cap}.") for c, cap in CAPITALS] +
+                          [(f"The opposite of {w} is", f" {a}.") for w, a in ANTONYMS],
+             "unrelated_b": SEQUENCES + IDIOMS,
+             "unrelated_c": WORD_FORMS + CODE_LINES}
+    return {name: [{"prompt": p, "completion": c} for p, c in rows] for name, rows in pairs.items()}
 
 
-def unrelated_b_rows() -> list[dict]:
-    return [{"prompt": p, "completion": c} for p, c in SEQUENCES + IDIOMS]
-
-
-def unrelated_rows() -> list[dict]:
-    return ([{"prompt": f"The capital of {c} is", "completion": f" {cap}."} for c, cap in CAPITALS] +
-            [{"prompt": f"The opposite of {w} is", "completion": f" {a}."} for w, a in ANTONYMS])
+PROBES = tuple(probe_rows())  # the manifest keys of the probes
+PROBE_TEMPLATES = ("the capital of", "the opposite of", "the plural of", "the past tense of")
 
 
 # ------------------------------------------------------------------ writing
@@ -307,13 +307,10 @@ def generate(out: Path, seed: int = 0, n_train: int = 256, n_eval: int = 64) -> 
             "kind": task.kind, "description": task.description, "train": f"{task.name}/train.jsonl",
             "eval": f"{task.name}/eval.jsonl", "memory": {"id": task.name.replace("_", "-"), "text": task.memory,
                                                           "queries": task.queries}}
-    files["unrelated/eval.jsonl"] = _jsonl(unrelated_rows())
-    files["unrelated_b/eval.jsonl"] = _jsonl(unrelated_b_rows())
-    files["unrelated_c/eval.jsonl"] = _jsonl(unrelated_c_rows())
+    for name, rows in probe_rows().items():
+        files[f"{name}/eval.jsonl"] = _jsonl(rows)
+        manifest[name] = f"{name}/eval.jsonl"
     files["retain.jsonl"] = RETAIN.read_bytes()  # the library's default retain set, as fitting uses it
-    manifest["unrelated"] = "unrelated/eval.jsonl"
-    manifest["unrelated_b"] = "unrelated_b/eval.jsonl"
-    manifest["unrelated_c"] = "unrelated_c/eval.jsonl"
     manifest["retain"] = "retain.jsonl"
     _check_probe_unseen(files)
     manifest["files"] = {}
@@ -330,7 +327,7 @@ def _check_probe_unseen(files: dict) -> None:
     """The interference probe and the retain set must not appear in any training file."""
     trained = {json.loads(l)["prompt"] for rel, d in files.items() if rel.endswith("train.jsonl")
                for l in d.decode().splitlines()}
-    for rel in ("unrelated/eval.jsonl", "unrelated_b/eval.jsonl", "unrelated_c/eval.jsonl", "retain.jsonl"):
+    for rel in [f"{name}/eval.jsonl" for name in PROBES] + ["retain.jsonl"]:
         hit = [p for p in (json.loads(l)["prompt"] for l in files[rel].decode().splitlines()) if p and p in trained]
         if hit:
             raise ValueError(f"{rel} overlaps training prompts: {hit[:3]}")
@@ -340,8 +337,7 @@ def _check_probe_unseen(files: dict) -> None:
 def probe_hits(texts: list[str]) -> list[str]:
     """The probes' prompts and templates that occur in any of `texts` (case-insensitive)."""
     text = [t.lower() for t in texts]
-    probes = ([r["prompt"].lower() for r in unrelated_rows() + unrelated_b_rows() + unrelated_c_rows()] +
-              ["the capital of", "the opposite of", "the plural of", "the past tense of"])
+    probes = [r["prompt"].lower() for rows in probe_rows().values() for r in rows] + list(PROBE_TEMPLATES)
     return [p for p in probes if any(p in t for t in text)]
 
 
