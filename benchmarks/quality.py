@@ -115,10 +115,20 @@ CONFIGS = {
     "kl20-c1-g10000-facts": {**STRONG, "retain_kl": 20.0, "selection_contrast": 1.0, "gates": 10000,
                              "retain_set": "benchmarks/tasks/retain_facts.jsonl"},
     "kl5-c1-m0.1": {**STRONG, "retain_kl": 5.0, "selection_contrast": 1.0, "max_log_gate": 0.1},
+    # run 5: the KL also under each controller composed with a partner from its pack (FitConfig.pair_kl);
+    # "-split" fits addition + pirate and json + miles as two packs, so the worst pair was never fitted together
+    "kl5-c1-p5": {**STRONG, "retain_kl": 5.0, "selection_contrast": 1.0, "pair_kl": 5.0},
+    "kl5-c1-p20": {**STRONG, "retain_kl": 5.0, "selection_contrast": 1.0, "pair_kl": 20.0},
+    "kl5-c1-p5-split": {**STRONG, "retain_kl": 5.0, "selection_contrast": 1.0, "pair_kl": 5.0,
+                        "packs": [["addition", "persona_pirate"], ["json_person", "preference_miles"]]},
+    "kl5-c1-p20-split": {**STRONG, "retain_kl": 5.0, "selection_contrast": 1.0, "pair_kl": 20.0,
+                         "packs": [["addition", "persona_pirate"], ["json_person", "preference_miles"]]},
     "kl5-s1": {**STRONG, "retain_kl": 5.0, "seed": 1},
     "kl5-s2": {**STRONG, "retain_kl": 5.0, "seed": 2},
 }
-NOT_FIT_FIELDS = ("retain_set",)  # config keys the benchmark handles itself (a retain file other than the manifest's)
+# config keys the benchmark handles itself: a retain file other than the manifest's; groups of tasks
+# fitted as separate packs (default: one pack)
+NOT_FIT_FIELDS = ("retain_set", "packs")
 MAIN_ARMS = ("ctrl-5000", "lora", "ia3", "ctrl-512", "ctrl-all", "random-5000")
 PEFT = ("lora", "ia3")
 RULES = ("sum", "max", "mean", "overlap-mean", "w0.8")  # composition rules compared (see compose_rule)
@@ -383,13 +393,17 @@ def controller_arm(R, model, tok, name, main, task_names, train, evals, unrelate
     device = next(model.parameters()).device
     cfg = fit_config(CONFIGS[name], args, n_all)
     fit_tasks = task_names if (args.fit_all_tasks or name in args.memory_configs) else main
+    packs = fit_packs(name, fit_tasks)
+    fit_retain = config_retain(name, retain, tok, model) if cfg.retain_kl > 0 or cfg.pair_kl > 0 else None
     mem0 = _peak_reset(device)
     t0 = time.perf_counter()
-    ctrls = fit_controllers(model, tok, [train[t] for t in fit_tasks], cfg, progress=not args.quiet,
-                            retain=config_retain(name, retain, tok, model) if cfg.retain_kl > 0 else None)
+    ctrls = {}
+    for pack in packs:
+        ctrls.update(zip(pack, fit_controllers(model, tok, [train[t] for t in pack], cfg, progress=not args.quiet,
+                                               retain=fit_retain)))
     seconds = time.perf_counter() - t0
     peak, adapt = _peak(device, mem0)
-    ctrls = dict(zip(fit_tasks, ctrls))
+    pack_of = {t: i for i, pack in enumerate(packs) for t in pack}
     jobs, reports = [], {}
     for t in main:
         jobs += [Job((t,), evals[t], [(ctrls[t], 1.0)]),
@@ -404,7 +418,7 @@ def controller_arm(R, model, tok, name, main, task_names, train, evals, unrelate
                        for k, rows in unrelated.items()]]
     t1 = time.perf_counter()
     res = score_jobs(model, tok, jobs, args.eval_batch)
-    fit_info = {"seconds": seconds, "pack": len(fit_tasks), "seconds_per_controller": seconds / len(fit_tasks),
+    fit_info = {"seconds": seconds, "pack": max(map(len, packs)), "seconds_per_controller": seconds / len(fit_tasks),
                 "peak_mem_mb": peak, "adapt_mem_mb": adapt, "arm": "controller", "fit_config": asdict(cfg)}
     for t in main:
         c = ctrls[t]
@@ -414,7 +428,7 @@ def controller_arm(R, model, tok, name, main, task_names, train, evals, unrelate
             record(name, k, res[(t, k)], under=t, arm="controller")
     for (a, b, rule), rep in reports.items():
         pair = rep["pairs"][0]
-        R.results["pairs"].append({"config": name, "rule": rule, "a": a, "b": b,
+        R.results["pairs"].append({"config": name, "rule": rule, "a": a, "b": b, "same_pack": pack_of[a] == pack_of[b],
                                    "eval_a": summarise(res[(a, b, rule, "a")]),
                                    "eval_b": summarise(res[(a, b, rule, "b")]),
                                    **{k: summarise(res[(a, b, rule, k)]) for k in unrelated},
@@ -426,6 +440,14 @@ def controller_arm(R, model, tok, name, main, task_names, train, evals, unrelate
     R.log(f"{name}: fit {seconds:.1f}s x{len(fit_tasks)}, scored in {time.perf_counter() - t1:.1f}s | " +
           ", ".join(f"{t} nll {own[t]['nll']:.3f} em {own[t]['exact_match']:.2f}" for t in main))
     return ctrls
+
+
+def fit_packs(name: str, tasks: list[str]) -> list[list[str]]:
+    """The groups of `tasks` a config fits as separate packs: its `packs` (in task order, the rest
+    as one more pack), or all of them as one."""
+    groups = [[t for t in tasks if t in g] for g in CONFIGS.get(name, {}).get("packs", [])]
+    rest = [t for t in tasks if not any(t in g for g in groups)]
+    return [g for g in groups + [rest] if g]
 
 
 def peft_arm(R, model, tok, method, main, train, evals, unrelated, args, record):

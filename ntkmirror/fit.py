@@ -46,6 +46,7 @@ class FitConfig:
     retain_kl: float = 5.0  # weight of KL(base || gated) on retain examples (default: bundled retain.jsonl)
     retain_rows: int = 4  # retain examples per step, seen by every controller
     retain_tokens: str = "completion"  # where the KL is taken: "completion" tokens or "all" tokens of a row
+    pair_kl: float = 0.0  # weight of the same KL under each controller composed with another of its pack
     compile: bool = False  # compile the fit step (compiled_fit): for long GPU fits of larger models / packs
 
     def check(self) -> "FitConfig":
@@ -58,7 +59,7 @@ class FitConfig:
             raise ConfigError(f"lr must be a positive number, got {self.lr!r}")
         if not (0 < self.max_log_gate <= MAX_LOG_GATE_LIMIT):
             raise ConfigError(f"max_log_gate must be in (0, {MAX_LOG_GATE_LIMIT:g}], got {self.max_log_gate!r}")
-        for name in ("retain_kl", "selection_contrast"):
+        for name in ("retain_kl", "selection_contrast", "pair_kl"):
             if not (math.isfinite(getattr(self, name)) and getattr(self, name) >= 0):
                 raise ConfigError(f"{name} must be a non-negative number, got {getattr(self, name)!r}")
         if self.retain_tokens not in ("completion", "all"):
@@ -103,11 +104,14 @@ class PackedGates:
     def log_gates(self) -> torch.Tensor:
         return self.m * torch.tanh(self.raw)  # (C, K)
 
-    def rows(self, row_ctrl: torch.Tensor) -> RowGates:
+    def rows(self, row_ctrl: torch.Tensor, partner: torch.Tensor | None = None) -> RowGates:
+        """Row r gated by controller row_ctrl[r], or by it and partner[r] composed as `compose`
+        does (clipped sum)."""
         C = self.raw.shape[0]
         dense = torch.zeros(C, len(self.layers) * self.hidden + 1, device=self.raw.device)
         dense = dense.scatter(1, self.idx, self.log_gates())[:, :-1]
-        values = dense[row_ctrl].view(-1, len(self.layers), self.hidden)  # (B, L_g, H)
+        values = dense[row_ctrl] if partner is None else (dense[row_ctrl] + dense[partner]).clamp(-self.m, self.m)
+        values = values.view(-1, len(self.layers), self.hidden)  # (B, L_g, H)
         return RowGates(self.layers, values, torch.exp(values))  # one exp for all layers
 
     def controller(self, c: int, raw: torch.Tensor | None = None, **kw) -> Controller:
@@ -144,15 +148,16 @@ def packed_nll(model, encoded_sets, gates: PackedGates | None, pad: int, rows_pe
     return (sums / counts.clamp_min(1)).tolist()
 
 
-def retain_divergence(model, gates: PackedGates, retain: Batch) -> torch.Tensor:
+def retain_divergence(model, gates: PackedGates, retain: Batch, partners: torch.Tensor | None = None) -> torch.Tensor:
     """(C,) mean KL(base || gated) per retain token under each controller: how far each one moves
-    text it should leave alone. Every controller sees every retain row."""
+    text it should leave alone. Every controller sees every retain row. With partners (C,),
+    controller c is composed with controller partners[c]: how far the pair moves it."""
     C, R = gates.raw.shape[0], retain.input_ids.shape[0]
     with torch.no_grad():
         base = F.log_softmax(supervised_logits(model, retain)[0], -1)  # (N, V)
     rows = Batch(*(t.repeat(C, 1) for t in (retain.input_ids, retain.attention_mask, retain.labels)))
     row_ctrl = torch.arange(C, device=retain.input_ids.device).repeat_interleave(R)  # (C * R,)
-    with attach(model, gates.rows(row_ctrl)):
+    with attach(model, gates.rows(row_ctrl, None if partners is None else partners[row_ctrl])):
         logits, _, row = supervised_logits(model, rows)  # (C * N, V), controller-major like `rows`
     base = base.repeat(C, 1)
     kl = (base.exp() * (base - F.log_softmax(logits, -1))).sum(-1)  # (C * N,)
@@ -160,7 +165,8 @@ def retain_divergence(model, gates: PackedGates, retain: Batch) -> torch.Tensor:
 
 
 def train_step(model, gates: PackedGates, opt, batch: Batch, row_ctrl: torch.Tensor, l2: float,
-               retain: Batch | None = None, retain_kl: float = 0.0) -> torch.Tensor:
+               retain: Batch | None = None, retain_kl: float = 0.0, partners: torch.Tensor | None = None,
+               pair_kl: float = 0.0) -> torch.Tensor:
     """One optimiser step for all C packed controllers; returns each one's loss, (C,).
 
     Autograd starts at the lowest gated layer: the weights are frozen, so nothing below it
@@ -172,6 +178,8 @@ def train_step(model, gates: PackedGates, opt, batch: Batch, row_ctrl: torch.Ten
     loss = loss_c.sum() + l2 * gates.log_gates().pow(2).mean(1).sum()
     if retain is not None and retain_kl > 0:
         loss = loss + retain_kl * retain_divergence(model, gates, retain).sum()
+    if retain is not None and partners is not None and pair_kl > 0:  # what a composed pair does to it
+        loss = loss + pair_kl * retain_divergence(model, gates, retain, partners).sum()
     opt.zero_grad(set_to_none=True)
     loss.backward()
     opt.step()
@@ -196,7 +204,9 @@ def fit_controllers(model, tokenizer, datasets: Sequence[Sequence[Example]], con
     model on cfg.retain_rows of the `retain` examples (default: a small bundled set of generic text),
     which keeps strong controllers composable and off unrelated prompts; with cfg.selection_contrast > 0
     the gates are chosen away from the channels that retain text leans on, which keeps different
-    memories on different channels (docs/results.md)."""
+    memories on different channels; with cfg.pair_kl > 0 and two or more datasets, the KL is also
+    taken under each controller composed with a partner from the pack drawn each step, so that
+    controllers fitted together also compose (docs/results.md)."""
     from tqdm.auto import tqdm
 
     cfg = (config or FitConfig()).check()
@@ -213,9 +223,10 @@ def fit_controllers(model, tokenizer, datasets: Sequence[Sequence[Example]], con
     C = len(enc)
 
     wants_contrast = cfg.selection_contrast > 0 and cfg.score != "random"
-    if retain is None and (cfg.retain_kl > 0 or wants_contrast):
+    wants_pairs = cfg.pair_kl > 0 and C > 1  # a single controller has no partner
+    if retain is None and (cfg.retain_kl > 0 or wants_contrast or wants_pairs):
         retain = default_retain_examples()
-    use_retain = bool(retain) and cfg.retain_kl > 0
+    use_retain = bool(retain) and (cfg.retain_kl > 0 or wants_pairs)
     contrast = bool(retain) and wants_contrast
     if use_retain or contrast:
         if cfg.retain_tokens == "all":  # the prompt is text to leave alone too
@@ -248,14 +259,19 @@ def fit_controllers(model, tokenizer, datasets: Sequence[Sequence[Example]], con
     samplers = [BatchSampler(len(e), cfg.batch_size, cfg.seed + 1) for e in enc]
     if use_retain:
         retain_sampler = BatchSampler(len(retain_enc), cfg.retain_rows, cfg.seed + 2)
+    partner_gen = torch.Generator().manual_seed(cfg.seed + 3)
     steps_run = 0
     bar = tqdm(range(cfg.steps), desc=f"fit x{C}" if C > 1 else "fit", disable=not progress, leave=False)
     with compiled_fit(model) if cfg.compile else nullcontext():
         for step in bar:
             batch, row_ctrl = _pack(enc, [s.next() for s in samplers], pad)
             retain_batch = collate([retain_enc[i] for i in retain_sampler.next()], pad).to(device) if use_retain else None
+            partners = None
+            if wants_pairs:  # c's partner: c + k (mod C), k drawn per step, never c itself
+                partners = (torch.arange(C) + torch.randint(1, C, (1,), generator=partner_gen)) % C
+                partners = partners.to(device)
             loss_c = train_step(model, gates, opt, batch.to(device), row_ctrl.to(device), cfg.l2, retain_batch,
-                                cfg.retain_kl)
+                                cfg.retain_kl, partners, cfg.pair_kl)
             steps_run = step + 1
             if progress and step % 10 == 0:  # .item() waits for the GPU: not every step
                 bar.set_postfix(loss=f"{loss_c.mean().item():.4f}")

@@ -76,6 +76,46 @@ def test_retain_kl_keeps_unrelated_text_closer_to_base(model, tok):
     assert _retain_kl(model, tok, kept, retain) < 0.5 * _retain_kl(model, tok, free, retain)
 
 
+def test_pair_kl_keeps_a_composed_pair_closer_to_base(model, tok):
+    """pair_kl takes the retain KL under each controller composed with a pack partner: the
+    composed pair then moves the retain text less than a pair fitted with the single KL only."""
+    from ntkmirror.compose import compose
+
+    rows = [[Example(**r) for r in arithmetic_rows(16, seed=s)] for s in (1, 2)]
+    sets = [rows[0], [Example(e.prompt, e.completion.upper()) for e in rows[1]]]
+    retain = [Example("", "The quick brown fox jumps over the lazy dog."), Example("Hello", " world! user assistant")]
+    cfg = dict(gates=64, steps=25, batch_size=4, score_batches=2, lr=5e-2, max_log_gate=0.5, retain_rows=2,
+               retain_kl=1.0, selection_contrast=0.0)
+    single = fit_controllers(model, tok, sets, FitConfig(**cfg), progress=False, retain=retain)
+    paired = fit_controllers(model, tok, sets, FitConfig(**cfg, pair_kl=20.0), progress=False, retain=retain)
+    assert all(torch.equal(a.keys(), b.keys()) for a, b in zip(single, paired))  # only the objective differs
+    assert _retain_kl(model, tok, compose(paired)[0], retain) < 0.5 * _retain_kl(model, tok, compose(single)[0], retain)
+    # a pack of one has no partner: pair_kl changes nothing
+    alone = [fit_controllers(model, tok, sets[:1], FitConfig(**cfg, pair_kl=w), progress=False, retain=retain)[0]
+             for w in (0.0, 20.0)]
+    assert torch.equal(alone[0].raw, alone[1].raw)
+    with pytest.raises(Exception, match="pair_kl"):
+        FitConfig(pair_kl=-1.0).check()
+
+
+def test_packed_pair_gates_compose_like_compose(model):
+    """The pair gates the fit trains through (PackedGates.rows with partners) are the clipped sum
+    that serving applies (row_gates / compose) to the same two controllers."""
+    from ntkmirror.fit import PackedGates
+    from ntkmirror.gates import row_gates
+
+    L, H = 2, 8
+    keys = [torch.tensor([0, 3, 9, 12]), torch.tensor([3, 5, 12, 15])]  # two shared gates
+    g = PackedGates([k // H for k in keys], [k % H for k in keys], H, 0.2, "cpu")
+    with torch.no_grad():
+        g.raw.copy_(torch.tensor([[3.0, 2.0, -1.0, 0.5], [3.0, 0.1, 0.4, -2.0]]))  # gate 3: sum clipped
+    ctrls = [g.controller(c, n_layers=L, hidden_size=H) for c in range(2)]
+    got = g.rows(torch.tensor([0, 1]), torch.tensor([1, 0])).values.detach()
+    want = row_gates([[(ctrls[0], 1.0), (ctrls[1], 1.0)]] * 2, L, H).values
+    torch.testing.assert_close(got, want)
+    assert float(got.abs().max()) == pytest.approx(0.2)  # the clip is applied
+
+
 def test_composition_rules():
     def ctrl(keys, s):
         keys = torch.tensor(keys)
@@ -102,7 +142,7 @@ def test_quality_run_end_to_end_on_a_tiny_model(tmp_path):
     generate(tmp_path / "tasks", seed=0, n_train=8, n_eval=2)
     out = tmp_path / "q"
     assert quality.main(["run", "--tiny", "--tasks", str(tmp_path / "tasks"), "--out", str(out), "--name", "r",
-                         "--steps", "2", "--arms", "ctrl-5000,lora", "--rules", "sum,max", "--memory-rows", "2",
+                         "--steps", "2", "--arms", "ctrl-5000,lora,kl5-c1-p5-split", "--rules", "sum,max", "--memory-rows", "2",
                          "--quiet", "--eval-batch", "16"]) == 0
     run = out / "r"
     res = json.loads((run / "results.json").read_text())
@@ -111,7 +151,13 @@ def test_quality_run_end_to_end_on_a_tiny_model(tmp_path):
         assert {("base", t), ("ctrl-5000", t), ("lora", t)} <= arms
     ctrl = next(e for e in res["evals"] if e["config"] == "ctrl-5000" and e["task"] == "addition")
     assert ctrl["pack"] == 8 and ctrl["stored_bytes"] > 0 and 0 <= ctrl["exact_match"] <= 1
-    assert len(res["pairs"]) == 6 * 2 and {p["rule"] for p in res["pairs"]} == {"sum", "max"}
+    assert len(res["pairs"]) == 2 * 6 * 2 and {p["rule"] for p in res["pairs"]} == {"sum", "max"}
+    # a config with packs fits each group apart: pairs say whether they were fitted together
+    split = {(p["a"], p["b"]): p["same_pack"] for p in res["pairs"] if p["config"] == "kl5-c1-p5-split"}
+    assert sorted(k for k, same in split.items() if same) == [("addition", "persona_pirate"),
+                                                               ("json_person", "preference_miles")]
+    assert all(p["same_pack"] for p in res["pairs"] if p["config"] == "ctrl-5000")
+    assert next(e for e in res["evals"] if e["config"] == "kl5-c1-p5-split" and e["task"] == "addition")["pack"] == 2
     mem = res["memory"]["ctrl-5000"]
     assert len(mem["tasks"]) >= 8 and set(mem["matrix"]) == set(mem["tasks"])
     assert quality.main(["retrieval", str(run)]) == 0
