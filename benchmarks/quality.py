@@ -123,12 +123,22 @@ CONFIGS = {
                         "packs": [["addition", "persona_pirate"], ["json_person", "preference_miles"]]},
     "kl5-c1-p20-split": {**STRONG, "retain_kl": 5.0, "selection_contrast": 1.0, "pair_kl": 20.0,
                          "packs": [["addition", "persona_pirate"], ["json_person", "preference_miles"]]},
+    # run 5b: the KL on a larger retain set, the contrast still on the bundled 32 rows ("-c1b")
+    "kl5-c1b-facts": {**STRONG, "retain_kl": 5.0, "selection_contrast": 1.0,
+                      "retain_set": "benchmarks/tasks/retain_facts.jsonl", "contrast_set": "ntkmirror/retain.jsonl"},
+    "kl10-c1b-facts": {**STRONG, "retain_kl": 10.0, "selection_contrast": 1.0,
+                       "retain_set": "benchmarks/tasks/retain_facts.jsonl", "contrast_set": "ntkmirror/retain.jsonl"},
+    "kl5-c1b-all16-facts": {**STRONG, "retain_kl": 5.0, "selection_contrast": 1.0, "retain_tokens": "all",
+                            "retain_rows": 16, "retain_set": "benchmarks/tasks/retain_facts.jsonl",
+                            "contrast_set": "ntkmirror/retain.jsonl"},
+    "kl5-c1b-large": {**STRONG, "retain_kl": 5.0, "selection_contrast": 1.0,
+                      "retain_set": "benchmarks/tasks/retain_large.jsonl", "contrast_set": "ntkmirror/retain.jsonl"},
     "kl5-s1": {**STRONG, "retain_kl": 5.0, "seed": 1},
     "kl5-s2": {**STRONG, "retain_kl": 5.0, "seed": 2},
 }
-# config keys the benchmark handles itself: a retain file other than the manifest's; groups of tasks
-# fitted as separate packs (default: one pack)
-NOT_FIT_FIELDS = ("retain_set", "packs")
+# config keys the benchmark handles itself: a retain file other than the manifest's (for the KL, and
+# for the selection contrast unless contrast_set names another); groups of tasks fitted as separate packs
+NOT_FIT_FIELDS = ("retain_set", "contrast_set", "packs")
 MAIN_ARMS = ("ctrl-5000", "lora", "ia3", "ctrl-512", "ctrl-all", "random-5000")
 PEFT = ("lora", "ia3")
 RULES = ("sum", "max", "mean", "overlap-mean", "w0.8")  # composition rules compared (see compose_rule)
@@ -275,10 +285,11 @@ def fit_config(overrides: dict, args, n_all: int) -> FitConfig:
     return FitConfig(**{**asdict(cfg), **kw})
 
 
-def config_retain(name: str, retain: list, tok, model=None) -> list:
+def config_retain(name: str, retain: list, tok, model=None, key: str = "retain_set") -> list:
     """The retain examples a config fits with: the manifest's, its own `retain_set` file, or
-    `sampled:N`: N texts the model writes itself (ntkmirror.evaluate.sampled_retain_examples)."""
-    path = CONFIGS.get(name, {}).get("retain_set")
+    `sampled:N`: N texts the model writes itself (ntkmirror.evaluate.sampled_retain_examples).
+    key="contrast_set": the text its gate selection steers away from (default: the same)."""
+    path = CONFIGS.get(name, {}).get(key)
     if path and path.startswith("sampled:"):
         from ntkmirror.evaluate import sampled_retain_examples
 
@@ -395,12 +406,13 @@ def controller_arm(R, model, tok, name, main, task_names, train, evals, unrelate
     fit_tasks = task_names if (args.fit_all_tasks or name in args.memory_configs) else main
     packs = fit_packs(name, fit_tasks)
     fit_retain = config_retain(name, retain, tok, model) if cfg.retain_kl > 0 or cfg.pair_kl > 0 else None
+    contrast = config_retain(name, retain, tok, model, "contrast_set") if "contrast_set" in CONFIGS[name] else None
     mem0 = _peak_reset(device)
     t0 = time.perf_counter()
     ctrls = {}
     for pack in packs:
         ctrls.update(zip(pack, fit_controllers(model, tok, [train[t] for t in pack], cfg, progress=not args.quiet,
-                                               retain=fit_retain)))
+                                               retain=fit_retain, contrast=contrast)))
     seconds = time.perf_counter() - t0
     peak, adapt = _peak(device, mem0)
     pack_of = {t: i for i, pack in enumerate(packs) for t in pack}

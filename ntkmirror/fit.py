@@ -197,14 +197,15 @@ def compiled_fit(model, **compile_kw):
 def fit_controllers(model, tokenizer, datasets: Sequence[Sequence[Example]], config: FitConfig | None = None,
                     validation: Sequence[Sequence[Example]] | None = None, progress: bool = True,
                     extra_meta: Sequence[dict] | None = None,
-                    retain: Sequence[Example] | None = None) -> list[Controller]:
+                    retain: Sequence[Example] | None = None,
+                    contrast: Sequence[Example] | None = None) -> list[Controller]:
     """Fit one controller per dataset, all in the same forward/backward passes.
 
     With cfg.retain_kl > 0, each step also penalises each controller's KL divergence from the base
     model on cfg.retain_rows of the `retain` examples (default: a small bundled set of generic text),
     which keeps strong controllers composable and off unrelated prompts; with cfg.selection_contrast > 0
-    the gates are chosen away from the channels that retain text leans on, which keeps different
-    memories on different channels; with cfg.pair_kl > 0 and two or more datasets, the KL is also
+    the gates are chosen away from the channels that the retain text (or `contrast`, when given)
+    leans on, which keeps different memories on different channels; with cfg.pair_kl > 0 and two or more datasets, the KL is also
     taken under each controller composed with a partner from the pack drawn each step, so that
     controllers fitted together also compose (docs/results.md)."""
     from tqdm.auto import tqdm
@@ -227,11 +228,14 @@ def fit_controllers(model, tokenizer, datasets: Sequence[Sequence[Example]], con
     if retain is None and (cfg.retain_kl > 0 or wants_contrast or wants_pairs):
         retain = default_retain_examples()
     use_retain = bool(retain) and (cfg.retain_kl > 0 or wants_pairs)
-    contrast = bool(retain) and wants_contrast
-    if use_retain or contrast:
+    contrast = (retain if contrast is None else contrast) if wants_contrast else None
+
+    def encode_generic(rows):
         if cfg.retain_tokens == "all":  # the prompt is text to leave alone too
-            retain = [Example("", ex.prompt + ex.completion, ex.source) for ex in retain]
-        retain_enc = encode_all(tokenizer, retain, cfg.max_length, cfg.add_eos)
+            rows = [Example("", ex.prompt + ex.completion, ex.source) for ex in rows]
+        return encode_all(tokenizer, rows, cfg.max_length, cfg.add_eos)
+
+    retain_enc = encode_generic(retain) if use_retain else None
 
     # 1. select each controller's gates by saliency on its own data
     if cfg.score == "random":  # control arm: the same budget, gates drawn uniformly
@@ -240,10 +244,11 @@ def fit_controllers(model, tokenizer, datasets: Sequence[Sequence[Example]], con
         score_samplers = [BatchSampler(len(e), cfg.batch_size, cfg.seed) for e in enc]
         score_iter = (_pack(enc, [s.next() for s in score_samplers], pad) for _ in range(cfg.score_batches))
         scores = saliency_scores(model, score_iter, C, layers, hidden, cfg.score)  # (C, L_g, H)
-        if contrast:  # prefer channels the retain text does not lean on
-            bs, n = cfg.batch_size, len(retain_enc)
+        if contrast:  # prefer channels that generic text does not lean on
+            contrast_enc = encode_generic(contrast)
+            bs, n = cfg.batch_size, len(contrast_enc)
             chunks = [range(i, min(i + bs, n)) for i in range(0, n, bs)][: cfg.score_batches]
-            generic = saliency_scores(model, (_pack([retain_enc], [ch], pad) for ch in chunks),
+            generic = saliency_scores(model, (_pack([contrast_enc], [ch], pad) for ch in chunks),
                                       1, layers, hidden, cfg.score)[0]
             scores = contrast_scores(scores, generic, cfg.selection_contrast)
     picked = [top_gates(scores[c], layers, cfg.gates) for c in range(C)]
@@ -297,7 +302,8 @@ def fit_controllers(model, tokenizer, datasets: Sequence[Sequence[Example]], con
     for c in range(C):
         fit_stats = {**asdict(cfg), "steps_run": steps_run, "train_nll_before": nll_before[c],
                      "train_nll_after": nll_after[c], "seconds": seconds, "pack_size": C,
-                     "n_examples": len(datasets[c]), "retain_examples": len(retain) if use_retain or contrast else 0}
+                     "n_examples": len(datasets[c]), "retain_examples": len(retain) if use_retain else 0,
+                     "contrast_examples": len(contrast) if contrast else 0}
         if val_enc:
             fit_stats["val_nll_best"] = best_val[c]
         meta = {**base, "fit": fit_stats, "data_hash": data_hash(datasets[c]), **(extra_meta[c] if extra_meta else {})}

@@ -111,5 +111,13 @@ def test_selection_contrast_moves_gates_off_generic_channels(model, tok):
     for p, a in zip(plain, apart):
         assert a.num_gates == p.num_gates == 24 and on_generic(a) < 0.8 * on_generic(p)
     assert shared(*apart) < shared(*plain)
+    # the contrast text can differ from the KL's retain text: given as `contrast`, it alone chooses
+    other = [Example("", "Colourless green ideas sleep furiously.")]
+    same = fit_controllers(model, tok, sets, FitConfig(**kw, selection_contrast=2.0), progress=False, retain=other,
+                           contrast=retain)
+    moved = fit_controllers(model, tok, sets, FitConfig(**kw, selection_contrast=2.0), progress=False, retain=other)
+    assert all(torch.equal(a.keys(), s.keys()) for a, s in zip(apart, same))
+    assert not all(torch.equal(a.keys(), m.keys()) for a, m in zip(apart, moved))
+    assert same[0].meta["fit"]["contrast_examples"] == 3 and same[0].meta["fit"]["retain_examples"] == 0
     with __import__("pytest").raises(Exception, match="selection_contrast"):
         FitConfig(selection_contrast=-1.0).check()

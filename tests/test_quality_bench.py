@@ -209,10 +209,11 @@ def test_default_fit_keeps_to_the_bundled_retain_set(model, tok):
     kw = dict(gates=8, steps=1, batch_size=4, score_batches=1)
     on = fit_controllers(model, tok, [data], FitConfig(**kw), progress=False)[0]
     off = fit_controllers(model, tok, [data], FitConfig(**kw, retain_kl=0.0, selection_contrast=0.0), progress=False)[0]
-    assert on.meta["fit"]["retain_examples"] == 32 and off.meta["fit"]["retain_examples"] == 0
+    assert on.meta["fit"]["retain_examples"] == on.meta["fit"]["contrast_examples"] == 32
+    assert off.meta["fit"]["retain_examples"] == off.meta["fit"]["contrast_examples"] == 0
     # the retain set chooses the gates even without the KL term, and the record says so
     chooses = fit_controllers(model, tok, [data], FitConfig(**kw, retain_kl=0.0), progress=False)[0]
-    assert chooses.meta["fit"]["retain_examples"] == 32
+    assert (chooses.meta["fit"]["retain_examples"], chooses.meta["fit"]["contrast_examples"]) == (0, 32)
     with pytest.raises(Exception, match="retain_kl"):
         FitConfig(retain_kl=-1.0).check()
 
@@ -266,10 +267,14 @@ def test_retain_sets_stay_apart_from_every_probe():
     refused, for all three probes; the bundled and benchmark retain sets pass."""
     from pathlib import Path
 
+    from benchmarks.quality import CONFIGS
     from benchmarks.tasks.generate import check_retain_apart, probe_hits
 
     root = Path(__file__).resolve().parents[1]
-    for f in ("ntkmirror/retain.jsonl", "benchmarks/tasks/retain_large.jsonl", "benchmarks/tasks/retain_facts.jsonl"):
+    named = {c[k] for c in CONFIGS.values() for k in ("retain_set", "contrast_set") if k in c}
+    files = {f for f in named if not f.startswith("sampled:")}
+    assert files >= {"ntkmirror/retain.jsonl", "benchmarks/tasks/retain_facts.jsonl"}
+    for f in files | {"ntkmirror/retain.jsonl", "benchmarks/tasks/retain_large.jsonl"}:
         check_retain_apart((root / f).read_text().splitlines(), f)
     for text in ("The capital of Chile is Santiago.", "Once upon a time there was a fox.", "The plural of cat is cats.",
                  "import numpy as np"):
