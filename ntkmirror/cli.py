@@ -1,4 +1,4 @@
-"""`ntkmirror` command line: fit, eval, generate, compose, inspect (+ plugged-in groups).
+"""`ntkmirror` command line: fit, eval, shift, generate, compose, inspect (+ plugged-in groups).
 
 Thin over the library. Errors from the library's error tree become one line on stderr and
 the error's exit code; nothing is written when a command fails. Other packages of the
@@ -188,6 +188,52 @@ def eval_cmd(
               add_eos=not no_eos)
     res = {"base": evaluate(m, tok, exs, None, **kw), "controller": evaluate(m, tok, exs, c, **kw)}
     emit(res, as_json, lambda d: out.print(_metrics_table(f"{eval_path}", d)))
+
+
+@app.command()
+def shift(
+    controller: Path = typer.Option(..., "--controller"),
+    data: Path = typer.Option(..., "--data", help="JSONL of text the controller should leave alone"),
+    model: Optional[str] = ModelOpt,
+    rows: int = typer.Option(10, "--rows", help="rows to show, most moved first"),
+    top: int = typer.Option(5, "--top", help="raised next tokens shown per row"),
+    batch_size: int = typer.Option(8, "--batch-size"),
+    max_length: int = typer.Option(1024, "--max-length"),
+    no_eos: bool = typer.Option(False, "--no-eos", help="do not score an appended EOS"),
+    allow_model_mismatch: bool = MismatchOpt,
+    device: Optional[str] = DeviceOpt, dtype: Optional[str] = DtypeOpt, as_json: bool = JsonOpt,
+):
+    """Which rows a controller moves most (completion NLL, base vs gated) and which next tokens it
+    raises where each completion begins: why a memory interferes with unrelated text."""
+    from .data import load_jsonl_examples
+    from .evaluate import row_shifts
+
+    for name, value in (("--rows", rows), ("--top", top), ("--batch-size", batch_size)):
+        if value < 1:
+            raise ConfigError(f"{name} must be at least 1, got {value}")
+    m, tok = load(model, device, dtype, quiet=as_json)
+    c = load_controller(controller, m, allow_model_mismatch, tok)
+    exs = load_jsonl_examples(data, tok)
+    per_row = row_shifts(m, tok, exs, c, batch_size, max_length, add_eos=not no_eos, top=top)
+    tokens = sum(r["tokens"] for r in per_row)
+    base, gated = sum(r["nll_base"] for r in per_row), sum(r["nll_gated"] for r in per_row)
+    res = {"data": str(data), "examples": len(per_row), "tokens": tokens, "nll_base": base / tokens,
+           "nll_gated": gated / tokens, "relative_change": (gated - base) / base if base else 0.0,
+           "rows": sorted(per_row, key=lambda r: r["nll_base"] - r["nll_gated"])[:rows]}
+
+    def render(d):
+        out.print(f"{d['data']}: {d['examples']} rows, {d['tokens']} tokens, NLL {d['nll_base']:.4f} -> "
+                  f"{d['nll_gated']:.4f} ({d['relative_change']:+.1%})")
+        t = Table(title="rows moved most (NLL summed over the completion; raised: p base -> gated)")
+        for col in ("#", "prompt", "completion", "NLL base", "gated", "change", "raised most"):
+            t.add_column(col, overflow="fold")
+        for r in d["rows"]:
+            t.add_row(str(r["index"]), escape(repr(r["prompt"][-40:])), escape(repr(r["completion"][:24])),
+                      f"{r['nll_base']:.2f}", f"{r['nll_gated']:.2f}", f"{r['nll_gated'] - r['nll_base']:+.2f}",
+                      escape(", ".join(f"{x['token']!r} {x['p_base']:.3f}->{x['p_gated']:.3f}" for x in r["raised"])))
+        out.print(t)
+
+    emit(res, as_json, render)
 
 
 @app.command()

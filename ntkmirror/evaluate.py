@@ -15,7 +15,7 @@ import torch
 from .controller import Controller
 from .data import Example, collate, encode_all, encode_prompt, pad_id
 from .gates import RowGates, attach, controller_gates
-from .objective import token_losses
+from .objective import supervised_logits, token_losses
 
 
 def _device(model):
@@ -48,6 +48,36 @@ def teacher_forced(model, tokenizer, examples: Sequence[Example], gates: RowGate
         correct += int(tl.correct.sum())
         n += tl.nll.numel()
     return {"nll": nll_sum / max(n, 1), "token_accuracy": correct / max(n, 1), "tokens": n}
+
+
+@torch.no_grad()
+def row_shifts(model, tokenizer, examples: Sequence[Example], gates: RowGates | Controller,
+               batch_size: int = 8, max_length: int = 1024, add_eos: bool = True, top: int = 5) -> list[dict]:
+    """Where gates move text and toward what: per example, the completion's summed NLL without and
+    with the gates, and the `top` next tokens whose probability they raise most where the
+    completion begins (e.g. a memory that makes plain answers open like its own format)."""
+    gates = _as_gates(model, gates)
+    enc = encode_all(tokenizer, examples, max_length, add_eos)
+    rows = []
+    for lo in range(0, len(enc), batch_size):
+        batch = collate(enc[lo: lo + batch_size], pad_id(tokenizer)).to(_device(model))
+        base, targets, row = supervised_logits(model, batch)  # (N, V) at every completion token
+        with attach(model, _slice(gates, lo, lo + batch_size)):
+            gated = supervised_logits(model, batch)[0]
+        lp_base, lp_gated = base.log_softmax(-1), gated.log_softmax(-1)
+        nll_base = -lp_base.gather(1, targets[:, None])[:, 0]
+        nll_gated = -lp_gated.gather(1, targets[:, None])[:, 0]
+        for r in range(batch.input_ids.shape[0]):
+            mine = (row == r).nonzero()[:, 0]
+            first = mine[0]  # row-major: the position that predicts the completion's first token
+            p_base, p_gated = lp_base[first].exp(), lp_gated[first].exp()
+            raised = (p_gated - p_base).topk(top).indices.tolist()
+            ex = examples[lo + r]
+            rows.append({"index": lo + r, "prompt": ex.prompt, "completion": ex.completion, "tokens": len(mine),
+                         "nll_base": float(nll_base[mine].sum()), "nll_gated": float(nll_gated[mine].sum()),
+                         "raised": [{"token": tokenizer.decode([t]), "p_base": float(p_base[t]),
+                                     "p_gated": float(p_gated[t])} for t in raised]})
+    return rows
 
 
 @dataclass

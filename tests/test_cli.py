@@ -53,8 +53,37 @@ def test_fit_eval_generate_compose_inspect(tmp_path, capsys, tiny_model_dir, tra
     assert code == 0 and "controllers" in out  # the human-readable table
 
 
+def test_shift_ranks_rows_and_agrees_with_eval(tmp_path, capsys, tiny_model_dir, train_file, eval_file):
+    ctrl = tmp_path / "c.safetensors"
+    assert run(capsys, "fit", "--model", tiny_model_dir, "--train", train_file, "--out", ctrl, *FAST, "--lr", "0.1",
+               "--max-log-gate", "1")[0] == 0
+    code, out, _ = run(capsys, "shift", "--model", tiny_model_dir, "--controller", ctrl, "--data", eval_file,
+                       "--rows", "4", "--top", "2", "--json")
+    assert code == 0, out
+    res = json.loads(out)
+    moved = [r["nll_gated"] - r["nll_base"] for r in res["rows"]]
+    assert res["examples"] == 6 and len(moved) == 4 and moved == sorted(moved, reverse=True)
+    assert all(len(r["raised"]) == 2 for r in res["rows"])
+    _, out, _ = run(capsys, "eval", "--model", tiny_model_dir, "--controller", ctrl, "--eval", eval_file,
+                    "--no-exact-match", "--json")
+    ev = json.loads(out)
+    assert res["nll_base"] == pytest.approx(ev["base"]["nll"], rel=1e-5)
+    assert res["nll_gated"] == pytest.approx(ev["controller"]["nll"], rel=1e-5)
+    assert res["relative_change"] == pytest.approx((res["nll_gated"] - res["nll_base"]) / res["nll_base"])
+    code, out, _ = run(capsys, "shift", "--model", tiny_model_dir, "--controller", ctrl, "--data", eval_file)
+    assert code == 0 and "rows moved most" in out
+    # bad input: a clear error and a non-zero exit
+    code, _, err = run(capsys, "shift", "--model", tiny_model_dir, "--controller", ctrl, "--data", eval_file,
+                       "--rows", "0")
+    assert code != 0 and "--rows" in err
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "a", "completion": " b"}\n{"prompt": 3\n')
+    code, _, err = run(capsys, "shift", "--model", tiny_model_dir, "--controller", ctrl, "--data", bad)
+    assert code != 0 and "bad.jsonl:2" in err
+
+
 def test_every_command_has_help():
-    for cmd in ([], ["fit"], ["eval"], ["generate"], ["compose"], ["inspect"]):
+    for cmd in ([], ["fit"], ["eval"], ["shift"], ["generate"], ["compose"], ["inspect"]):
         r = subprocess.run([sys.executable, "-m", "ntkmirror.cli", *cmd, "--help"], capture_output=True, text=True)
         assert r.returncode == 0 and "Usage" in r.stdout, (cmd, r.stderr)
 

@@ -2,7 +2,7 @@ import torch
 
 from ntkmirror import FitConfig, ForwardFineTuner, fit_controller, fit_controllers
 from ntkmirror.data import example_from_row
-from ntkmirror.evaluate import exact_match, teacher_forced
+from ntkmirror.evaluate import exact_match, row_shifts, teacher_forced
 from tiny import arithmetic_rows, tiny_model
 
 
@@ -121,3 +121,21 @@ def test_selection_contrast_moves_gates_off_generic_channels(model, tok):
     assert same[0].meta["fit"]["contrast_examples"] == 3 and same[0].meta["fit"]["retain_examples"] == 0
     with __import__("pytest").raises(Exception, match="selection_contrast"):
         FitConfig(selection_contrast=-1.0).check()
+
+
+def test_row_shifts_add_up_to_the_teacher_forced_nll(model, tok):
+    """Per-row shifts are the same numbers as teacher_forced, split by row, and each row's raised
+    tokens are the largest probability gains at the completion's first position, largest first."""
+    train, probe = examples(16, 1), examples(6, 7)
+    c = fit_controller(model, tok, train, FitConfig(gates=32, steps=10, lr=5e-2, max_log_gate=0.5, score_batches=1,
+                                                    batch_size=4), progress=False)
+    rows = row_shifts(model, tok, probe, c, batch_size=4, top=3)  # 4: rows cross a batch boundary
+    assert [r["index"] for r in rows] == list(range(6))
+    tokens = sum(r["tokens"] for r in rows)
+    for key, gates in (("nll_base", None), ("nll_gated", c)):
+        tf = teacher_forced(model, tok, probe, gates)
+        assert tf["tokens"] == tokens and abs(sum(r[key] for r in rows) / tokens - tf["nll"]) < 1e-4
+    assert sum(abs(r["nll_gated"] - r["nll_base"]) for r in rows) > 1e-3  # the controller does move them
+    for r in rows:
+        gains = [x["p_gated"] - x["p_base"] for x in r["raised"]]
+        assert len(gains) == 3 and gains == sorted(gains, reverse=True) and gains[0] > 0
