@@ -133,6 +133,12 @@ CONFIGS = {
                             "contrast_set": "ntkmirror/retain.jsonl"},
     "kl5-c1b-large": {**STRONG, "retain_kl": 5.0, "selection_contrast": 1.0,
                       "retain_set": "benchmarks/tasks/retain_large.jsonl", "contrast_set": "ntkmirror/retain.jsonl"},
+    # run 6: the KL text with 32 more rows shaped like an answer's start ("The weather today is" -> " sunny.";
+    # retain_clauses.jsonl = the bundled 32 + those), 8 rows a step so the bundled rows are seen as often
+    "kl5-c1b-clauses-r8": {**STRONG, "retain_kl": 5.0, "selection_contrast": 1.0, "retain_rows": 8,
+                           "retain_set": "benchmarks/tasks/retain_clauses.jsonl", "contrast_set": "ntkmirror/retain.jsonl"},
+    "kl5-c1-clauses-r8": {**STRONG, "retain_kl": 5.0, "selection_contrast": 1.0, "retain_rows": 8,
+                          "retain_set": "benchmarks/tasks/retain_clauses.jsonl"},
     "kl5-s1": {**STRONG, "retain_kl": 5.0, "seed": 1},
     "kl5-s2": {**STRONG, "retain_kl": 5.0, "seed": 2},
 }

@@ -35,7 +35,7 @@ def test_task_pack_is_seeded_hashed_and_disjoint(tmp_path):
         assert (len(train), len(evals)) == (32, 16)
         assert not {r["prompt"] for r in train} & {r["prompt"] for r in evals}
         assert all(r["query"] in spec["memory"]["queries"] for r in evals) and spec["memory"]["text"]
-    assert {"unrelated", "unrelated_b", "unrelated_c"} <= a.keys()  # three interference probes
+    assert {"unrelated", "unrelated_b", "unrelated_c", "unrelated_d"} <= a.keys()  # four interference probes
     load_manifest(tmp_path / "a")  # hashes verify
     (tmp_path / "a" / "addition" / "eval.jsonl").write_text('{"prompt": "x", "completion": "y"}\n')
     with pytest.raises(ValueError, match="sha256"):

@@ -252,12 +252,33 @@ CODE_LINES = [("import numpy as", " np"), ("import pandas as", " pd"), ("import 
               ("console.log('hello", "');"), ("git commit -m", ' "'), ("pip install", " numpy")]
 
 
+# A fourth probe, fixed before any result on it was seen (run 6): everyday collocations, clauses
+# that do not end in "is" (probes A and C mostly do, and so does retain_clauses.jsonl, which was
+# written after run 5 showed where probe A moves): a check that owes nothing to that retain text.
+COLLOCATIONS = [("He brushed his", " teeth."), ("She locked the", " door."), ("They drank a cup of", " tea."),
+                ("The baby fell", " asleep."), ("Please turn off the", " lights."),
+                ("I washed my hands with soap and", " water."), ("We waited at the stop for the", " bus."),
+                ("She zipped up her", " jacket."), ("She blew out the birthday", " candles."),
+                ("The dog wagged its", " tail."), ("Thank you very", " much."),
+                ("It is cold outside, so put on your", " coat."), ("The kettle started to", " boil."),
+                ("She read the children a bedtime", " story."), ("The phone started to", " ring."),
+                ("He paid with his credit", " card."), ("Please fasten your seat", " belts."),
+                ("Pass the salt and", " pepper."), ("Good evening, ladies and", " gentlemen."),
+                ("Ready, set,", " go."), ("She looked both ways before crossing the", " street."),
+                ("He set his alarm clock for six in the", " morning."), ("The students raised their", " hands."),
+                ("She combed her", " hair."), ("The cat chased the", " mouse."),
+                ("He opened the window to let in some fresh", " air."), ("She sent him a text", " message."),
+                ("The sun rises in the", " east."), ("Water boils at one hundred degrees", " Celsius."),
+                ("He took a deep", " breath."), ("The train arrived right on", " time."), ("Happy New", " Year.")]
+
+
 def probe_rows() -> dict[str, list[dict]]:
-    """Every interference probe's rows, by its name in the manifest (A, then B, then C)."""
+    """Every interference probe's rows, by its name in the manifest (A, then B, C and D)."""
     pairs = {"unrelated": [(f"The capital of {c} is", f" {cap}.") for c, cap in CAPITALS] +
                           [(f"The opposite of {w} is", f" {a}.") for w, a in ANTONYMS],
              "unrelated_b": SEQUENCES + IDIOMS,
-             "unrelated_c": WORD_FORMS + CODE_LINES}
+             "unrelated_c": WORD_FORMS + CODE_LINES,
+             "unrelated_d": COLLOCATIONS}
     return {name: [{"prompt": p, "completion": c} for p, c in rows] for name, rows in pairs.items()}
 
 
