@@ -139,6 +139,9 @@ CONFIGS = {
                            "retain_set": "benchmarks/tasks/retain_clauses.jsonl", "contrast_set": "ntkmirror/retain.jsonl"},
     "kl5-c1-clauses-r8": {**STRONG, "retain_kl": 5.0, "selection_contrast": 1.0, "retain_rows": 8,
                           "retain_set": "benchmarks/tasks/retain_clauses.jsonl"},
+    **{f"kl5-c1b-clauses-r8-s{seed}": {**STRONG, "retain_kl": 5.0, "selection_contrast": 1.0, "retain_rows": 8,
+                                        "retain_set": "benchmarks/tasks/retain_clauses.jsonl",
+                                        "contrast_set": "ntkmirror/retain.jsonl", "seed": seed} for seed in (1, 2)},
     "kl5-s1": {**STRONG, "retain_kl": 5.0, "seed": 1},
     "kl5-s2": {**STRONG, "retain_kl": 5.0, "seed": 2},
 }
