@@ -42,13 +42,15 @@ from .report import rank_configs, report, summarise
 from .tasks.generate import PROBES, load_manifest
 
 # FitConfig overrides per config. SEED pins the seed's defaults (the runs in docs/results.md were made
-# with them); "default" is FitConfig() as it stands (since then: max_log_gate 0.2, lr 2e-2, retain_kl 5,
-# selection_contrast 1). Every named config pins the fields that later defaults changed.
+# with them); "default" is FitConfig() with the library's retain and contrast text, as they stand (since
+# then: max_log_gate 0.2, lr 2e-2, retain_kl 5, selection_contrast 1, retain_rows 8 and the clauses in the
+# KL text). Every named config pins the fields that later defaults changed; without a retain_set it fits
+# with the manifest's retain.jsonl (the bundled 32 rows) for both the KL and the contrast.
 # gates=-1: every channel of every gated layer.
-SEED = {"lr": 5e-3, "max_log_gate": 0.05, "retain_kl": 0.0, "selection_contrast": 0.0}
+SEED = {"lr": 5e-3, "max_log_gate": 0.05, "retain_kl": 0.0, "selection_contrast": 0.0, "retain_rows": 4}
 STRONG = {**SEED, "lr": 2e-2, "max_log_gate": 0.2}
 CONFIGS = {
-    "default": {},
+    "default": {"retain_set": "library", "contrast_set": "library"},
     "ctrl-512": {**SEED, "gates": 512},
     "ctrl-5000": SEED,
     "ctrl-all": {**SEED, "gates": -1},
@@ -296,9 +298,12 @@ def fit_config(overrides: dict, args, n_all: int) -> FitConfig:
 
 def config_retain(name: str, retain: list, tok, model=None, key: str = "retain_set") -> list:
     """The retain examples a config fits with: the manifest's, its own `retain_set` file, or
-    `sampled:N`: N texts the model writes itself (ntkmirror.evaluate.sampled_retain_examples).
-    key="contrast_set": the text its gate selection steers away from (default: the same)."""
+    `sampled:N`: N texts the model writes itself (ntkmirror.evaluate.sampled_retain_examples), or
+    None for `library` (fit_controllers' own defaults). key="contrast_set": the text its gate
+    selection steers away from (default: the same)."""
     path = CONFIGS.get(name, {}).get(key)
+    if path == "library":
+        return None
     if path and path.startswith("sampled:"):
         from ntkmirror.evaluate import sampled_retain_examples
 
@@ -307,6 +312,13 @@ def config_retain(name: str, retain: list, tok, model=None, key: str = "retain_s
         return [ex for ex in sampled_retain_examples(model, tok, n=int(path.split(":")[1]))  # drop any holding a probe
                 if not probe_hits([ex.prompt + ex.completion])]
     return load_jsonl_examples(Path(__file__).resolve().parents[1] / path, tok) if path else retain
+
+
+def fit_texts(name: str, cfg: FitConfig, retain: list, tok, model) -> tuple[list | None, list | None]:
+    """(retain, contrast) a config passes to fit_controllers (None: the library's default)."""
+    fit_retain = config_retain(name, retain, tok, model) if cfg.retain_kl > 0 or cfg.pair_kl > 0 else None
+    contrast = config_retain(name, retain, tok, model, "contrast_set") if "contrast_set" in CONFIGS[name] else None
+    return fit_retain, contrast
 
 
 def _peak_reset(device):
@@ -397,8 +409,9 @@ def run(args) -> Path:
         if len(ctrls) < len(task_names):  # fit the remaining memories with the same config
             cfg = fit_config(CONFIGS[best], args, n_all)
             rest = [t for t in task_names if t not in ctrls]
+            fit_retain, contrast = fit_texts(best, cfg, retain, tok, model)
             more = fit_controllers(model, tok, [train[t] for t in rest], cfg, progress=not args.quiet,
-                                   retain=config_retain(best, retain, tok, model) if cfg.retain_kl > 0 else None)
+                                   retain=fit_retain, contrast=contrast)
             ctrls = {t: ctrls.get(t) or more[rest.index(t)] for t in task_names}
         memory_stage(R, model, tok, best, ctrls, evals, queries, manifest, args)
     R.results["meta"]["seconds"] = time.perf_counter() - R.t0
@@ -414,8 +427,7 @@ def controller_arm(R, model, tok, name, main, task_names, train, evals, unrelate
     cfg = fit_config(CONFIGS[name], args, n_all)
     fit_tasks = task_names if (args.fit_all_tasks or name in args.memory_configs) else main
     packs = fit_packs(name, fit_tasks)
-    fit_retain = config_retain(name, retain, tok, model) if cfg.retain_kl > 0 or cfg.pair_kl > 0 else None
-    contrast = config_retain(name, retain, tok, model, "contrast_set") if "contrast_set" in CONFIGS[name] else None
+    fit_retain, contrast = fit_texts(name, cfg, retain, tok, model)
     mem0 = _peak_reset(device)
     t0 = time.perf_counter()
     ctrls = {}

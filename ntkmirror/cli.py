@@ -119,7 +119,7 @@ def fit(
                                                                            "model (default: the bundled set)"),
     retain_tokens: str = typer.Option("completion", "--retain-tokens", help="KL on the retain rows' completion "
                                                                             "tokens or on all their tokens"),
-    retain_rows: int = typer.Option(4, "--retain-rows", help="retain rows per step"),
+    retain_rows: int = typer.Option(8, "--retain-rows", help="retain rows per step"),
     selection_contrast: float = typer.Option(1.0, "--selection-contrast",
                                              help="choose gates away from channels the retain text leans on: "
                                                   "weight of its saliency subtracted at selection (0: off)"),

@@ -106,8 +106,17 @@ def load_jsonl_examples(path: str | Path, tokenizer=None) -> list[Example]:
 
 
 def default_retain_examples() -> list[Example]:
-    """Generic text bundled with the package (retain.jsonl): what fitting keeps each controller's
-    outputs close to the base model on (FitConfig.retain_kl) when the caller gives no retain set."""
+    """Generic text bundled with the package: what fitting keeps each controller's outputs close to
+    the base model on (FitConfig.retain_kl) when the caller gives no retain set. The 32 rows of
+    retain.jsonl plus retain_clauses.jsonl: 32 clauses that stop where an answer begins ("The
+    weather today is" -> " sunny."), where the first 32 left controllers free to push their own
+    answer format (docs/results.md, runs 5-6)."""
+    return default_contrast_examples() + load_jsonl_examples(Path(__file__).with_name("retain_clauses.jsonl"))
+
+
+def default_contrast_examples() -> list[Example]:
+    """The bundled generic text whose channels gate selection avoids (FitConfig.selection_contrast)
+    when the caller gives no retain set: retain.jsonl alone (a larger contrast set measured worse)."""
     return load_jsonl_examples(Path(__file__).with_name("retain.jsonl"))
 
 

@@ -17,7 +17,8 @@ import torch
 import torch.nn.functional as F
 
 from .controller import MAX_LOG_GATE_LIMIT, Controller, new_meta
-from .data import Batch, Example, collate, data_hash, default_retain_examples, encode_all, pad_id
+from .data import (Batch, Example, collate, data_hash, default_contrast_examples, default_retain_examples, encode_all,
+                   pad_id)
 from .errors import ConfigError, DataError
 from .gates import RowGates, attach, parse_layers
 from .models import compiled_layers, find_decoder_layers, hidden_size
@@ -44,7 +45,7 @@ class FitConfig:
     patience: int = 0  # stop after this many evaluations without improvement (0: never)
     stats_examples: int = 32  # training examples used for the before/after NLL
     retain_kl: float = 5.0  # weight of KL(base || gated) on retain examples (default: bundled retain.jsonl)
-    retain_rows: int = 4  # retain examples per step, seen by every controller
+    retain_rows: int = 8  # retain examples per step, seen by every controller
     retain_tokens: str = "completion"  # where the KL is taken: "completion" tokens or "all" tokens of a row
     pair_kl: float = 0.0  # weight of the same KL under each controller composed with another of its pack
     compile: bool = False  # compile the fit step (compiled_fit): for long GPU fits of larger models / packs
@@ -204,8 +205,8 @@ def fit_controllers(model, tokenizer, datasets: Sequence[Sequence[Example]], con
     With cfg.retain_kl > 0, each step also penalises each controller's KL divergence from the base
     model on cfg.retain_rows of the `retain` examples (default: a small bundled set of generic text),
     which keeps strong controllers composable and off unrelated prompts; with cfg.selection_contrast > 0
-    the gates are chosen away from the channels that the retain text (or `contrast`, when given)
-    leans on, which keeps different memories on different channels; with cfg.pair_kl > 0 and two or more datasets, the KL is also
+    the gates are chosen away from the channels that `contrast` (default: the caller's retain
+    text, else the bundled contrast set) leans on, which keeps different memories on different channels; with cfg.pair_kl > 0 and two or more datasets, the KL is also
     taken under each controller composed with a partner from the pack drawn each step, so that
     controllers fitted together also compose (docs/results.md)."""
     from tqdm.auto import tqdm
@@ -225,10 +226,12 @@ def fit_controllers(model, tokenizer, datasets: Sequence[Sequence[Example]], con
 
     wants_contrast = cfg.selection_contrast > 0 and cfg.score != "random"
     wants_pairs = cfg.pair_kl > 0 and C > 1  # a single controller has no partner
-    if retain is None and (cfg.retain_kl > 0 or wants_contrast or wants_pairs):
+    if contrast is None and wants_contrast:  # the caller's retain text, or the bundled contrast text
+        contrast = retain if retain is not None else default_contrast_examples()
+    if retain is None and (cfg.retain_kl > 0 or wants_pairs):
         retain = default_retain_examples()
     use_retain = bool(retain) and (cfg.retain_kl > 0 or wants_pairs)
-    contrast = (retain if contrast is None else contrast) if wants_contrast else None
+    contrast = contrast if wants_contrast else None
 
     def encode_generic(rows):
         if cfg.retain_tokens == "all":  # the prompt is text to leave alone too

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from ntkmirror.controller import Controller
-from ntkmirror.data import Example, collate, encode_all, pad_id
+from ntkmirror.data import Example, collate, encode_all, load_jsonl_examples, pad_id
 from ntkmirror.fit import FitConfig, fit_controllers
 from ntkmirror.gates import attach
 from ntkmirror.objective import supervised_logits
@@ -202,14 +202,35 @@ def test_quality_run_end_to_end_on_a_tiny_model(tmp_path):
 
 
 def test_default_fit_keeps_to_the_bundled_retain_set(model, tok):
-    from ntkmirror.data import default_retain_examples
+    from pathlib import Path
 
-    assert FitConfig().retain_kl > 0 and len(default_retain_examples()) == 32
+    from ntkmirror.data import default_contrast_examples, default_retain_examples
+
+    def rows(examples):
+        return [(e.prompt, e.completion) for e in examples]
+
+    kl_text, contrast_text = rows(default_retain_examples()), rows(default_contrast_examples())
+    assert FitConfig().retain_kl > 0 and (len(kl_text), len(contrast_text)) == (64, 32)
+    assert kl_text[:32] == contrast_text  # the KL text is the contrast text plus the clauses
+    # the adopted default is the configuration run 6 measured (kl5-c1b-clauses-r8)
+    from benchmarks.quality import CONFIGS, fit_config
+
+    measured = CONFIGS["kl5-c1b-clauses-r8"]
+    root = Path(__file__).resolve().parents[1]
+    assert rows(load_jsonl_examples(root / measured["retain_set"])) == kl_text
+    assert rows(load_jsonl_examples(root / measured["contrast_set"])) == contrast_text
+    args = type("A", (), {"steps": FitConfig().steps, "batch_size": FitConfig().batch_size, "seed": 0})
+    assert fit_config(measured, args, 0) == FitConfig()
+    from benchmarks.quality import fit_texts
+
+    manifest_retain = [Example("", "text")]
+    assert fit_texts("default", FitConfig(), manifest_retain, tok, model) == (None, None)  # the library's own
+    assert fit_texts("kl5-c1", FitConfig(), manifest_retain, tok, model) == (manifest_retain, None)
     data = [Example(**r) for r in arithmetic_rows(8)]
     kw = dict(gates=8, steps=1, batch_size=4, score_batches=1)
     on = fit_controllers(model, tok, [data], FitConfig(**kw), progress=False)[0]
     off = fit_controllers(model, tok, [data], FitConfig(**kw, retain_kl=0.0, selection_contrast=0.0), progress=False)[0]
-    assert on.meta["fit"]["retain_examples"] == on.meta["fit"]["contrast_examples"] == 32
+    assert (on.meta["fit"]["retain_examples"], on.meta["fit"]["contrast_examples"]) == (64, 32)
     assert off.meta["fit"]["retain_examples"] == off.meta["fit"]["contrast_examples"] == 0
     # the retain set chooses the gates even without the KL term, and the record says so
     chooses = fit_controllers(model, tok, [data], FitConfig(**kw, retain_kl=0.0), progress=False)[0]
@@ -253,12 +274,12 @@ def test_sampled_retain_examples_are_seeded_model_text(model, tok):
 
 def test_named_configs_pin_every_default_that_changed():
     """A named config means what it meant when it was measured: each one pins the fields whose
-    FitConfig default moved since (lr, max_log_gate, retain_kl, selection_contrast)."""
+    FitConfig default moved since (lr, max_log_gate, retain_kl, selection_contrast, retain_rows)."""
     from benchmarks.quality import CONFIGS
 
     for name, overrides in CONFIGS.items():
         if name != "default":
-            assert {"lr", "max_log_gate", "retain_kl", "selection_contrast"} <= overrides.keys(), name
+            assert {"lr", "max_log_gate", "retain_kl", "selection_contrast", "retain_rows"} <= overrides.keys(), name
     assert CONFIGS["m0.2-lr2e-2-kl5"]["selection_contrast"] == 0.0 and CONFIGS["kl5-c1"]["selection_contrast"] == 1.0
 
 
@@ -272,9 +293,9 @@ def test_retain_sets_stay_apart_from_every_probe():
 
     root = Path(__file__).resolve().parents[1]
     named = {c[k] for c in CONFIGS.values() for k in ("retain_set", "contrast_set") if k in c}
-    files = {f for f in named if not f.startswith("sampled:")}
+    files = {f for f in named if not f.startswith("sampled:") and f != "library"}
     assert files >= {"ntkmirror/retain.jsonl", "benchmarks/tasks/retain_facts.jsonl"}
-    for f in files | {"ntkmirror/retain.jsonl", "benchmarks/tasks/retain_large.jsonl"}:
+    for f in files | {"ntkmirror/retain.jsonl", "ntkmirror/retain_clauses.jsonl", "benchmarks/tasks/retain_large.jsonl"}:
         check_retain_apart((root / f).read_text().splitlines(), f)
     for text in ("The capital of Chile is Santiago.", "Once upon a time there was a fox.", "The plural of cat is cats.",
                  "import numpy as np"):

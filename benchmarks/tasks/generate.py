@@ -331,7 +331,9 @@ def generate(out: Path, seed: int = 0, n_train: int = 256, n_eval: int = 64) -> 
     for name, rows in probe_rows().items():
         files[f"{name}/eval.jsonl"] = _jsonl(rows)
         manifest[name] = f"{name}/eval.jsonl"
-    files["retain.jsonl"] = RETAIN.read_bytes()  # the library's default retain set, as fitting uses it
+    # the library's bundled 32 rows: the named configs' retain and contrast text (the library's own
+    # default KL text adds ntkmirror/retain_clauses.jsonl since run 6; config "default" fits with that)
+    files["retain.jsonl"] = RETAIN.read_bytes()
     manifest["retain"] = "retain.jsonl"
     _check_probe_unseen(files)
     manifest["files"] = {}
