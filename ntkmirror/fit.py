@@ -44,7 +44,7 @@ class FitConfig:
     eval_every: int = 0  # validation interval in steps (0: steps // 10)
     patience: int = 0  # stop after this many evaluations without improvement (0: never)
     stats_examples: int = 32  # training examples used for the before/after NLL
-    retain_kl: float = 5.0  # weight of KL(base || gated) on retain examples (default: bundled retain.jsonl)
+    retain_kl: float = 5.0  # weight of KL(base || gated) on retain examples (default: data.default_retain_examples)
     retain_rows: int = 8  # retain examples per step, seen by every controller
     retain_tokens: str = "completion"  # where the KL is taken: "completion" tokens or "all" tokens of a row
     pair_kl: float = 0.0  # weight of the same KL under each controller composed with another of its pack
@@ -203,12 +203,13 @@ def fit_controllers(model, tokenizer, datasets: Sequence[Sequence[Example]], con
     """Fit one controller per dataset, all in the same forward/backward passes.
 
     With cfg.retain_kl > 0, each step also penalises each controller's KL divergence from the base
-    model on cfg.retain_rows of the `retain` examples (default: a small bundled set of generic text),
-    which keeps strong controllers composable and off unrelated prompts; with cfg.selection_contrast > 0
-    the gates are chosen away from the channels that `contrast` (default: the caller's retain
-    text, else the bundled contrast set) leans on, which keeps different memories on different channels; with cfg.pair_kl > 0 and two or more datasets, the KL is also
-    taken under each controller composed with a partner from the pack drawn each step, so that
-    controllers fitted together also compose (docs/results.md)."""
+    model on cfg.retain_rows of the `retain` examples (default: bundled generic text,
+    data.default_retain_examples), which keeps strong controllers composable and off unrelated
+    prompts. With cfg.selection_contrast > 0 the gates are chosen away from the channels that
+    `contrast` leans on (default: the caller's retain text, else data.default_contrast_examples),
+    which keeps different memories on different channels. With cfg.pair_kl > 0 and two or more
+    datasets, the KL is also taken under each controller composed with a partner from the pack,
+    drawn each step (docs/results.md, run 5: not a default)."""
     from tqdm.auto import tqdm
 
     cfg = (config or FitConfig()).check()
