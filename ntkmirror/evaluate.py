@@ -71,7 +71,7 @@ def row_shifts(model, tokenizer, examples: Sequence[Example], gates: RowGates | 
             mine = (row == r).nonzero()[:, 0]
             first = mine[0]  # row-major: the position that predicts the completion's first token
             p_base, p_gated = lp_base[first].exp(), lp_gated[first].exp()
-            raised = (p_gated - p_base).topk(top).indices.tolist()
+            raised = (p_gated - p_base).topk(min(top, len(p_base))).indices.tolist()
             ex = examples[lo + r]
             rows.append({"index": lo + r, "prompt": ex.prompt, "completion": ex.completion, "tokens": len(mine),
                          "nll_base": float(nll_base[mine].sum()), "nll_gated": float(nll_gated[mine].sum()),
