@@ -320,3 +320,22 @@ def test_per_task_rows_handle_a_controller_that_gained_nothing():
     assert rows["a"]["retention_mean"] is None  # a got worse alone: no gain to retain
     assert rows["b"]["retention_mean"] == pytest.approx(0.5)  # (2.0 - 1.5) / (2.0 - 1.0)
     assert rows["a"]["unrelated_change_mean"] == rows["b"]["unrelated_change_max"] == pytest.approx(0.1)
+
+
+def test_every_gpu_mode_names_known_arms():
+    """quality_gpu.sh's modes run on a GPU host after minutes of setup: an arm or memory config
+    that no longer exists must fail here, not there."""
+    import re
+    from pathlib import Path
+
+    from benchmarks.quality import CONFIGS, PEFT
+
+    script = (Path(__file__).resolve().parents[1] / "benchmarks" / "quality_gpu.sh").read_text()
+    modes = re.findall(r"^\s*([\w]+)\) args=\((.*?)\) ;;", script, re.S | re.M)
+    assert len(modes) >= 20
+    for mode, args in modes:
+        for flag in ("--arms", "--memory-configs"):
+            m = re.search(flag + r"\s+(\S+)", args)
+            names = [] if m is None else [n for n in m.group(1).split(",") if n not in ("none", "auto")]
+            unknown = [n for n in names if n not in CONFIGS and n not in PEFT]
+            assert not unknown, (mode, flag, unknown)
