@@ -18,7 +18,8 @@ if ! python3 -c "import gguf" 2>/dev/null; then
   pip install -q --no-deps --target /tmp/gg .carry/mini/gguf-*.whl && export PYTHONPATH=/tmp/gg
 fi
 export PYTHONPATH=.:${PYTHONPATH:-} PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-python3 -m benchmarks.tasks.generate --out runs/tasks --seed 0 > /dev/null || exit 1
+# TASK_SEED: another draw of the task pack (same probes), to check a result is not the seed-0 rows'
+python3 -m benchmarks.tasks.generate --out runs/tasks --seed "${TASK_SEED:-0}" > /dev/null || exit 1
 case $what in
   main) args=(--arms ctrl-5000,lora,ia3,ctrl-512,ctrl-all,random-5000 --memory-configs ctrl-5000) ;;
   sweep) args=(--arms m0.2-lr2e-2,m0.2-lr2e-2-kl1,lr2e-2,m0.1-lr2e-2,m0.1-lr2e-2-kl1,m0.2-lr2e-2-kl5,m0.2-lr2e-2-g1000-kl1,m0.2-lr2e-2-coherent,m0.2-lr2e-2-last15,m0.2-lr2e-2-g1000,m0.2-lr2e-2-first15
@@ -44,8 +45,9 @@ case $what in
   interfere17) args=(--arms kl5-c1b-clauses-r8-s1,kl5-c1b-clauses-r8-s2,kl5-c1-s1,kl5-c1-s2 --memory-configs none --rules sum) ;;
   memory6) args=(--arms kl5-c1b-clauses-r8 --memory-configs kl5-c1b-clauses-r8 --rules sum) ;;
   interfere18) args=(--arms kl20-c1b-clauses-r8-g10000,kl10-c1b-clauses-r8-g10000,lora --memory-configs none --rules sum) ;;
+  tasks1) args=(--arms kl5-c1,kl5-c1b-clauses-r8 --memory-configs none --rules sum) ;;  # with TASK_SEED=1
   fix) args=(--arms ctrl-5000,m0.2-lr2e-2-kl5,lora,m0.2-lr2e-2 --memory-configs m0.2-lr2e-2-kl5,ctrl-5000) ;;
-  *) echo "usage: $0 main|sweep|fix|interfere|interfere2|interfere3|interfere4|interfere5|interfere6|interfere7|interfere8|interfere9|interfere10|interfere11|interfere12|interfere13|interfere14|interfere15|interfere16|interfere17|interfere18|memory6 [OUT]" >&2; exit 2 ;;
+  *) echo "usage: $0 main|sweep|fix|interfere|interfere2|interfere3|interfere4|interfere5|interfere6|interfere7|interfere8|interfere9|interfere10|interfere11|interfere12|interfere13|interfere14|interfere15|interfere16|interfere17|interfere18|memory6|tasks1 [OUT]" >&2; exit 2 ;;
 esac
 # the tokenizer files of a local cache (.carry/tok): transformers versions differ in the EOS they give the GGUF
 [ -d .carry/tok ] && args+=(--tokenizer .carry/tok)
