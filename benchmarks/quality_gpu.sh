@@ -18,7 +18,7 @@ if ! python3 -c "import gguf" 2>/dev/null; then
   pip install -q --no-deps --target /tmp/gg .carry/mini/gguf-*.whl && export PYTHONPATH=/tmp/gg
 fi
 export PYTHONPATH=.:${PYTHONPATH:-} PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-# TASK_SEED: another draw of the task pack (same probes), to check a result is not the seed-0 rows'
+# TASK_SEED: another draw of the task pack (same probes), to check a result is not the seed-0 rows
 python3 -m benchmarks.tasks.generate --out runs/tasks --seed "${TASK_SEED:-0}" > /dev/null || exit 1
 case $what in
   main) args=(--arms ctrl-5000,lora,ia3,ctrl-512,ctrl-all,random-5000 --memory-configs ctrl-5000) ;;
