@@ -227,12 +227,13 @@ def fit_controllers(model, tokenizer, datasets: Sequence[Sequence[Example]], con
 
     wants_contrast = cfg.selection_contrast > 0 and cfg.score != "random"
     wants_pairs = cfg.pair_kl > 0 and C > 1  # a single controller has no partner
-    if contrast is None and wants_contrast:  # the caller's retain text, or the bundled contrast text
+    if not wants_contrast:
+        contrast = None
+    elif contrast is None:  # the caller's retain text, or the bundled contrast text
         contrast = retain if retain is not None else default_contrast_examples()
     if retain is None and (cfg.retain_kl > 0 or wants_pairs):
         retain = default_retain_examples()
     use_retain = bool(retain) and (cfg.retain_kl > 0 or wants_pairs)
-    contrast = contrast if wants_contrast else None
 
     def encode_generic(rows):
         if cfg.retain_tokens == "all":  # the prompt is text to leave alone too
