@@ -147,6 +147,13 @@ CONFIGS = {
     **{f"kl5-c1b-clauses-r8-s{seed}": {**STRONG, "retain_kl": 5.0, "selection_contrast": 1.0, "retain_rows": 8,
                                         "retain_set": "benchmarks/tasks/retain_clauses.jsonl",
                                         "contrast_set": "ntkmirror/retain.jsonl", "seed": seed} for seed in (1, 2)},
+    # run 7: on top of the run-6 default, decoupled weight decay of the raw gates (what no loss term holds
+    # drifts back to 0) and gates kept off the last layers (whose channels act on the logits directly)
+    **{f"kl5-c1b-clauses-r8-{tag}": {**STRONG, "retain_kl": 5.0, "selection_contrast": 1.0, "retain_rows": 8,
+                                      "retain_set": "benchmarks/tasks/retain_clauses.jsonl",
+                                      "contrast_set": "ntkmirror/retain.jsonl", **extra}
+       for tag, extra in (("wd0.5", {"weight_decay": 0.5}), ("wd2", {"weight_decay": 2.0}),
+                          ("first24", {"layers": "first:24"}), ("first20", {"layers": "first:20"}))},
     "kl5-s1": {**STRONG, "retain_kl": 5.0, "seed": 1},
     "kl5-s2": {**STRONG, "retain_kl": 5.0, "seed": 2},
 }

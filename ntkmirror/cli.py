@@ -85,7 +85,7 @@ FIT_OPTIONS = dict(
     steps=typer.Option(240, "--steps", help="AdamW steps on the gate values"),
     lr=typer.Option(2e-2, "--lr", help="learning rate"),
     max_log_gate=typer.Option(0.2, "--max-log-gate", help="bound on each signed log-gate"),
-    layers=typer.Option("all", "--layers", help="all | last | last:N | comma list (negatives from the end)"),
+    layers=typer.Option("all", "--layers", help="all | last | last:N | first:N | comma list (negatives from the end)"),
     score_batches=typer.Option(16, "--score-batches", help="batches used to select gates"),
     batch_size=typer.Option(8, "--batch-size"),
     max_length=typer.Option(1024, "--max-length", help="truncate sequences from the left"),

@@ -41,6 +41,7 @@ class FitConfig:
     selection_contrast: float = 1.0  # minus this x the retain text's saliency at selection (selection.contrast_scores)
     add_eos: bool = True  # append EOS to completions so the model learns to stop
     l2: float = 1e-5  # weight of mean(s^2)
+    weight_decay: float = 0.0  # AdamW's decoupled decay of the raw gates: pulls gates the loss does not hold to 0
     eval_every: int = 0  # validation interval in steps (0: steps // 10)
     patience: int = 0  # stop after this many evaluations without improvement (0: never)
     stats_examples: int = 32  # training examples used for the before/after NLL
@@ -60,7 +61,7 @@ class FitConfig:
             raise ConfigError(f"lr must be a positive number, got {self.lr!r}")
         if not (0 < self.max_log_gate <= MAX_LOG_GATE_LIMIT):
             raise ConfigError(f"max_log_gate must be in (0, {MAX_LOG_GATE_LIMIT:g}], got {self.max_log_gate!r}")
-        for name in ("retain_kl", "selection_contrast", "pair_kl"):
+        for name in ("retain_kl", "selection_contrast", "pair_kl", "weight_decay"):
             if not (math.isfinite(getattr(self, name)) and getattr(self, name) >= 0):
                 raise ConfigError(f"{name} must be a non-negative number, got {getattr(self, name)!r}")
         if self.retain_tokens not in ("completion", "all"):
@@ -265,7 +266,7 @@ def fit_controllers(model, tokenizer, datasets: Sequence[Sequence[Example]], con
     val_enc = [encode_all(tokenizer, v, cfg.max_length, cfg.add_eos) for v in validation] if validation else None
     best_val, best_raw, stale = [float("inf")] * C, gates.raw.detach().clone(), 0
     eval_every = cfg.eval_every or max(1, cfg.steps // 10)
-    opt = torch.optim.AdamW([gates.raw], lr=cfg.lr, weight_decay=0.0)
+    opt = torch.optim.AdamW([gates.raw], lr=cfg.lr, weight_decay=cfg.weight_decay)
     samplers = [BatchSampler(len(e), cfg.batch_size, cfg.seed + 1) for e in enc]
     if use_retain:
         retain_sampler = BatchSampler(len(retain_enc), cfg.retain_rows, cfg.seed + 2)

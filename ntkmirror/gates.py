@@ -162,18 +162,18 @@ def _device(model) -> torch.device:
 
 
 def parse_layers(spec: str, n_layers: int) -> list[int]:
-    """`all`, `last`, `last:N`, or a comma list of indices (negative counts from the end)."""
+    """`all`, `last`, `last:N`, `first:N`, or a comma list of indices (negative counts from the end)."""
     spec = str(spec).strip()
     try:
         if spec == "all":
             return list(range(n_layers))
         if spec == "last":
             return [n_layers - 1]
-        if spec.startswith("last:"):
-            k = int(spec[5:])
+        if spec.startswith(("last:", "first:")):
+            k = int(spec.split(":", 1)[1])
             if not 1 <= k <= n_layers:
                 raise ValueError
-            return list(range(n_layers - k, n_layers))
+            return list(range(n_layers - k, n_layers)) if spec.startswith("last:") else list(range(k))
         out = set()
         for part in spec.split(","):
             i = int(part)
@@ -183,4 +183,4 @@ def parse_layers(spec: str, n_layers: int) -> list[int]:
         return sorted(out)
     except ValueError:
         raise ConfigError(f"unknown --layers spec {spec!r} for a model with {n_layers} layers; use "
-                          "all, last, last:N or a comma list of indices such as 0,5,-1") from None
+                          "all, last, last:N, first:N or a comma list of indices such as 0,5,-1") from None

@@ -1,7 +1,9 @@
+import pytest
 import torch
 
 from ntkmirror import FitConfig, ForwardFineTuner, fit_controller, fit_controllers
 from ntkmirror.data import example_from_row
+from ntkmirror.errors import ConfigError
 from ntkmirror.evaluate import exact_match, row_shifts, teacher_forced
 from tiny import arithmetic_rows, tiny_model
 
@@ -139,3 +141,16 @@ def test_row_shifts_add_up_to_the_teacher_forced_nll(model, tok):
     for r in rows:
         gains = [x["p_gated"] - x["p_base"] for x in r["raised"]]
         assert len(gains) == 3 and gains == sorted(gains, reverse=True) and gains[0] > 0
+
+
+def test_weight_decay_pulls_gates_the_loss_does_not_hold_toward_zero(model, tok):
+    train = examples(16, 1)
+    kw = dict(gates=32, steps=30, lr=5e-2, max_log_gate=0.5, score_batches=1, batch_size=8, retain_kl=0.0,
+              selection_contrast=0.0)
+    plain = fit_controller(model, tok, train, FitConfig(**kw), progress=False)
+    decayed = fit_controller(model, tok, train, FitConfig(**kw, weight_decay=5.0), progress=False)
+    assert torch.equal(plain.channel, decayed.channel)  # decay acts on the fit, not on the selection
+    assert decayed.log_gates().abs().mean() < 0.8 * plain.log_gates().abs().mean()
+    assert decayed.meta["fit"]["weight_decay"] == 5.0
+    with pytest.raises(ConfigError, match="weight_decay"):
+        FitConfig(weight_decay=-0.1).check()

@@ -76,12 +76,12 @@ def test_bf16_small_gate_changes_output(tok):
 
 
 @pytest.mark.parametrize("spec, want", [("all", [0, 1, 2, 3]), ("last", [3]), ("last:2", [2, 3]),
-                                        ("0,-1", [0, 3]), ("1", [1])])
+                                        ("first:3", [0, 1, 2]), ("0,-1", [0, 3]), ("1", [1])])
 def test_parse_layers(spec, want):
     assert parse_layers(spec, 4) == want
 
 
-@pytest.mark.parametrize("spec", ["first", "last:0", "last:9", "7", "a,b", ""])
+@pytest.mark.parametrize("spec", ["first", "last:0", "last:9", "first:0", "first:5", "first:x", "7", "a,b", ""])
 def test_parse_layers_rejects(spec):
     with pytest.raises(ConfigError, match="unknown --layers spec"):
         parse_layers(spec, 4)
