@@ -154,6 +154,12 @@ CONFIGS = {
                                       "contrast_set": "ntkmirror/retain.jsonl", **extra}
        for tag, extra in (("wd0.5", {"weight_decay": 0.5}), ("wd2", {"weight_decay": 2.0}),
                           ("first24", {"layers": "first:24"}), ("first20", {"layers": "first:20"}))},
+    # run 7b: the KL text with 32 everyday phrases more (retain_phrases.jsonl = retain_clauses.jsonl + those,
+    # probe D's shape; the new probe E holds out); 12 rows a step keep each earlier row as often as 8 of 64
+    **{f"kl5-c1b-phrases-r{rows}{'' if seed == 0 else f'-s{seed}'}": {
+        **STRONG, "retain_kl": 5.0, "selection_contrast": 1.0, "retain_rows": rows, "seed": seed,
+        "retain_set": "benchmarks/tasks/retain_phrases.jsonl", "contrast_set": "ntkmirror/retain.jsonl"}
+       for rows, seed in ((12, 0), (8, 0), (12, 1), (12, 2))},
     "kl5-s1": {**STRONG, "retain_kl": 5.0, "seed": 1},
     "kl5-s2": {**STRONG, "retain_kl": 5.0, "seed": 2},
 }

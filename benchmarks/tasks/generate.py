@@ -272,13 +272,32 @@ COLLOCATIONS = [("He brushed his", " teeth."), ("She locked the", " door."), ("T
                 ("He took a deep", " breath."), ("The train arrived right on", " time."), ("Happy New", " Year.")]
 
 
+# A fifth probe, fixed before any result on it was seen (run 7): names and titles, proper nouns
+# completed from their first words, a genre no retain text holds; the held-out check for the
+# everyday-phrase rows that run 7 adds to the KL text (whose shape is probe D's).
+NAMES = [("The composer Ludwig van", " Beethoven."), ("The detective Sherlock", " Holmes."), ("The Lord of the", " Rings."),
+         ("The Sydney Opera", " House."), ("The physicist Albert", " Einstein."), ("Pride and", " Prejudice."),
+         ("The highest mountain is Mount", " Everest."), ("The Statue of", " Liberty."), ("Winnie the", " Pooh."),
+         ("The wizard Harry", " Potter."), ("Wolfgang Amadeus", " Mozart."), ("The explorer Christopher", " Columbus."),
+         ("The scientist Isaac", " Newton."), ("The Great Wall of", " China."),
+         ("Snow White and the Seven", " Dwarfs."), ("Alice in", " Wonderland."), ("Beauty and the", " Beast."),
+         ("The boy who never grew up, Peter", " Pan."), ("The Eiffel", " Tower."), ("Niagara", " Falls."),
+         ("Walt Disney created Mickey", " Mouse."), ("The Big Apple is New York", " City."),
+         ("The King lives in Buckingham", " Palace."), ("The painting of the Mona", " Lisa."),
+         ("The naturalist Charles", " Darwin."), ("The playwright William", " Shakespeare."),
+         ("The painter Vincent van", " Gogh."), ("San Francisco's Golden Gate", " Bridge."),
+         ("Hollywood is in Los", " Angeles."), ("The president Abraham", " Lincoln."),
+         ("The ancient pyramids of", " Giza."), ("The Taj", " Mahal.")]
+
+
 def probe_rows() -> dict[str, list[dict]]:
-    """Every interference probe's rows, by its name in the manifest (A, then B, C and D)."""
+    """Every interference probe's rows, by its name in the manifest (A, then B, C, D and E)."""
     pairs = {"unrelated": [(f"The capital of {c} is", f" {cap}.") for c, cap in CAPITALS] +
                           [(f"The opposite of {w} is", f" {a}.") for w, a in ANTONYMS],
              "unrelated_b": SEQUENCES + IDIOMS,
              "unrelated_c": WORD_FORMS + CODE_LINES,
-             "unrelated_d": COLLOCATIONS}
+             "unrelated_d": COLLOCATIONS,
+             "unrelated_e": NAMES}
     return {name: [{"prompt": p, "completion": c} for p, c in rows] for name, rows in pairs.items()}
 
 
