@@ -160,6 +160,11 @@ CONFIGS = {
         **STRONG, "retain_kl": 5.0, "selection_contrast": 1.0, "retain_rows": rows, "seed": seed,
         "retain_set": "benchmarks/tasks/retain_phrases.jsonl", "contrast_set": "ntkmirror/retain.jsonl"}
        for rows, seed in ((12, 0), (8, 0), (12, 1), (12, 2))},
+    # run 7c: the KL text with 96 short texts the model writes itself (16 tokens each) on top, against probe E
+    **{f"kl{kl}-c1b-{text}-self-r16": {
+        **STRONG, "retain_kl": float(kl), "selection_contrast": 1.0, "retain_rows": 16,
+        "retain_set": f"benchmarks/tasks/retain_{text}.jsonl+sampled:96:16", "contrast_set": "ntkmirror/retain.jsonl"}
+       for kl, text in ((5, "phrases"), (10, "phrases"), (5, "clauses"))},
     "kl5-s1": {**STRONG, "retain_kl": 5.0, "seed": 1},
     "kl5-s2": {**STRONG, "retain_kl": 5.0, "seed": 2},
 }
@@ -313,21 +318,27 @@ def fit_config(overrides: dict, args, n_all: int) -> FitConfig:
 
 
 def config_retain(name: str, retain: list, tok, model=None, key: str = "retain_set") -> list:
-    """The retain examples a config fits with: the manifest's, its own `retain_set` file, or
-    `sampled:N`: N texts the model writes itself (ntkmirror.evaluate.sampled_retain_examples), or
-    None for `library` (fit_controllers' own defaults). key="contrast_set": the text its gate
-    selection steers away from (default: the same)."""
-    path = CONFIGS.get(name, {}).get(key)
-    if path == "library":
+    """The retain examples a config fits with: the manifest's, or its own `retain_set`: a file, or
+    `sampled:N[:T]`: N texts of T tokens (default 48) the model writes itself
+    (ntkmirror.evaluate.sampled_retain_examples), or several of those joined by "+", or None for
+    `library` (fit_controllers' own defaults). key="contrast_set": the text its gate selection
+    steers away from (default: the same)."""
+    spec = CONFIGS.get(name, {}).get(key)
+    if spec == "library":
         return None
-    if path and path.startswith("sampled:"):
+    return [ex for part in spec.split("+") for ex in _retain_source(part, tok, model)] if spec else retain
+
+
+def _retain_source(part: str, tok, model) -> list:
+    if part.startswith("sampled:"):
         from ntkmirror.evaluate import sampled_retain_examples
 
         from .tasks.generate import probe_hits
 
-        return [ex for ex in sampled_retain_examples(model, tok, n=int(path.split(":")[1]))  # drop any holding a probe
-                if not probe_hits([ex.prompt + ex.completion])]
-    return load_jsonl_examples(Path(__file__).resolve().parents[1] / path, tok) if path else retain
+        n, tokens = (part.split(":")[1:] + ["48"])[:2]
+        return [ex for ex in sampled_retain_examples(model, tok, n=int(n), max_new_tokens=int(tokens))
+                if not probe_hits([ex.prompt + ex.completion])]  # drop any holding a probe
+    return load_jsonl_examples(Path(__file__).resolve().parents[1] / part, tok)
 
 
 def fit_texts(name: str, cfg: FitConfig, retain: list, tok, model) -> tuple[list | None, list | None]:

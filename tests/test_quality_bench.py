@@ -4,6 +4,7 @@ composition rules, and a tiny end-to-end run (fit, PEFT baseline, pairs, memory,
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -272,6 +273,21 @@ def test_sampled_retain_examples_are_seeded_model_text(model, tok):
     assert ctrl.meta["fit"]["retain_examples"] == len(a)
 
 
+def test_config_retain_joins_a_file_and_the_models_own_samples(model, tok, monkeypatch):
+    """retain_set "file+sampled:N:T": the file's rows, then N samples of at most T tokens."""
+    from ntkmirror.evaluate import sampled_retain_examples
+
+    from benchmarks import quality
+
+    monkeypatch.setitem(quality.CONFIGS, "joined", {"retain_set": "ntkmirror/retain.jsonl+sampled:4:6"})
+    rows = quality.config_retain("joined", [], tok, model)
+    bundled = load_jsonl_examples(Path(quality.__file__).resolve().parents[1] / "ntkmirror/retain.jsonl", tok)
+    assert len(bundled) == 32 and rows[:32] == bundled
+    samples = rows[32:]
+    assert 0 < len(samples) <= 4 and samples == sampled_retain_examples(model, tok, n=4, max_new_tokens=6)
+    assert quality.config_retain("kl5-c1", ["manifest rows"], tok, model) == ["manifest rows"]
+
+
 def test_named_configs_pin_every_default_that_changed():
     """A named config means what it meant when it was measured: each one pins the fields whose
     FitConfig default moved since (lr, max_log_gate, retain_kl, selection_contrast, retain_rows)."""
@@ -285,7 +301,7 @@ def test_named_configs_pin_every_default_that_changed():
 
 def test_retain_sets_stay_apart_from_every_probe():
     """A retain set that holds a probe's prompt or template would train the KL term on the probe:
-    refused, for all three probes; the bundled and benchmark retain sets pass."""
+    refused, for every probe; the bundled and benchmark retain sets pass."""
     from pathlib import Path
 
     from benchmarks.quality import CONFIGS
@@ -293,12 +309,12 @@ def test_retain_sets_stay_apart_from_every_probe():
 
     root = Path(__file__).resolve().parents[1]
     named = {c[k] for c in CONFIGS.values() for k in ("retain_set", "contrast_set") if k in c}
-    files = {f for f in named if not f.startswith("sampled:") and f != "library"}
-    assert files >= {"ntkmirror/retain.jsonl", "benchmarks/tasks/retain_facts.jsonl"}
+    files = {f for spec in named for f in spec.split("+") if not f.startswith("sampled:") and f != "library"}
+    assert files >= {"ntkmirror/retain.jsonl", "benchmarks/tasks/retain_facts.jsonl", "benchmarks/tasks/retain_phrases.jsonl"}
     for f in files | {"ntkmirror/retain.jsonl", "ntkmirror/retain_clauses.jsonl", "benchmarks/tasks/retain_large.jsonl"}:
         check_retain_apart((root / f).read_text().splitlines(), f)
     for text in ("The capital of Chile is Santiago.", "Once upon a time there was a fox.", "The plural of cat is cats.",
-                 "import numpy as np"):
+                 "import numpy as np", "She locked the door.", "The Taj Mahal."):
         assert probe_hits([text]), text
         with pytest.raises(ValueError, match="probe prompts"):
             check_retain_apart([json.dumps({"prompt": "", "completion": text})], "r.jsonl")
