@@ -342,9 +342,10 @@ def _retain_source(part: str, tok, model) -> list:
 
 
 def fit_texts(name: str, cfg: FitConfig, retain: list, tok, model) -> tuple[list | None, list | None]:
-    """(retain, contrast) a config passes to fit_controllers (None: the library's default)."""
+    """(retain, contrast) a config passes to fit_controllers (None: the library's default). Without a
+    contrast_set the contrast is the config's retain text, as fit_controllers chose until run 7."""
     fit_retain = config_retain(name, retain, tok, model) if cfg.retain_kl > 0 or cfg.pair_kl > 0 else None
-    contrast = config_retain(name, retain, tok, model, "contrast_set") if "contrast_set" in CONFIGS[name] else None
+    contrast = config_retain(name, retain, tok, model, "contrast_set") if "contrast_set" in CONFIGS[name] else fit_retain
     return fit_retain, contrast
 
 

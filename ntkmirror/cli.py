@@ -117,11 +117,13 @@ def fit(
                                                                "larger models (the compile costs tens of seconds)"),
     retain_file: Optional[Path] = typer.Option(None, "--retain-file", help="JSONL of text to keep close to the base "
                                                                            "model (default: the bundled set)"),
+    contrast_file: Optional[Path] = typer.Option(None, "--contrast-file", help="JSONL whose channels gate selection "
+                                                                               "avoids (default: the bundled 32 rows)"),
     retain_tokens: str = typer.Option("completion", "--retain-tokens", help="KL on the retain rows' completion "
                                                                             "tokens or on all their tokens"),
     retain_rows: int = typer.Option(8, "--retain-rows", help="retain rows per step"),
     selection_contrast: float = typer.Option(1.0, "--selection-contrast",
-                                             help="choose gates away from channels the retain text leans on: "
+                                             help="choose gates away from channels the contrast text leans on: "
                                                   "weight of its saliency subtracted at selection (0: off)"),
 ):
     """Fit a controller on teacher-forced examples and save it."""
@@ -140,7 +142,8 @@ def fit(
     train_ex = load_jsonl_examples(train, tok)
     val_ex = load_jsonl_examples(validation, tok) if validation else None
     retain_ex = load_jsonl_examples(retain_file, tok) if retain_file else None
-    c = fit_controller(m, tok, train_ex, cfg, val_ex, progress=not as_json, retain=retain_ex)
+    contrast_ex = load_jsonl_examples(contrast_file, tok) if contrast_file else None
+    c = fit_controller(m, tok, train_ex, cfg, val_ex, progress=not as_json, retain=retain_ex, contrast=contrast_ex)
     c.save(out_path)
     f = c.meta["fit"]
     emit({"out": str(out_path), "gates": c.num_gates, "bytes": out_path.stat().st_size, **f}, as_json,

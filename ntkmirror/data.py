@@ -116,7 +116,7 @@ def default_retain_examples() -> list[Example]:
 
 def default_contrast_examples() -> list[Example]:
     """The bundled generic text whose channels gate selection avoids (FitConfig.selection_contrast)
-    when the caller gives no retain set: retain.jsonl alone (a larger contrast set measured worse)."""
+    unless the caller names another: retain.jsonl alone (a larger contrast set measured worse)."""
     return load_jsonl_examples(Path(__file__).with_name("retain.jsonl"))
 
 

@@ -38,7 +38,7 @@ class FitConfig:
     max_length: int = 1024
     seed: int = 0
     score: str = "abs"  # selection rule: "abs" (seed), "coherent", or "random" (a control arm)
-    selection_contrast: float = 1.0  # minus this x the retain text's saliency at selection (selection.contrast_scores)
+    selection_contrast: float = 1.0  # minus this x the contrast text's saliency at selection (selection.contrast_scores)
     add_eos: bool = True  # append EOS to completions so the model learns to stop
     l2: float = 1e-5  # weight of mean(s^2)
     weight_decay: float = 0.0  # AdamW's decoupled decay of the raw gates: pulls gates the loss does not hold to 0
@@ -207,7 +207,8 @@ def fit_controllers(model, tokenizer, datasets: Sequence[Sequence[Example]], con
     model on cfg.retain_rows of the `retain` examples (default: bundled generic text,
     data.default_retain_examples), which keeps strong controllers composable and off unrelated
     prompts. With cfg.selection_contrast > 0 the gates are chosen away from the channels that
-    `contrast` leans on (default: the caller's retain text, else data.default_contrast_examples),
+    `contrast` leans on (default: data.default_contrast_examples, whatever the retain text: a larger
+    or different contrast text measured worse, docs/results.md runs 4i and 6a),
     which keeps different memories on different channels. With cfg.pair_kl > 0 and two or more
     datasets, the KL is also taken under each controller composed with a partner from the pack,
     drawn each step (docs/results.md, run 5: not a default)."""
@@ -230,8 +231,8 @@ def fit_controllers(model, tokenizer, datasets: Sequence[Sequence[Example]], con
     wants_pairs = cfg.pair_kl > 0 and C > 1  # a single controller has no partner
     if not wants_contrast:
         contrast = None
-    elif contrast is None:  # the caller's retain text, or the bundled contrast text
-        contrast = retain if retain is not None else default_contrast_examples()
+    elif contrast is None:
+        contrast = default_contrast_examples()
     if retain is None and (cfg.retain_kl > 0 or wants_pairs):
         retain = default_retain_examples()
     use_retain = bool(retain) and (cfg.retain_kl > 0 or wants_pairs)
@@ -319,6 +320,6 @@ def fit_controllers(model, tokenizer, datasets: Sequence[Sequence[Example]], con
 
 def fit_controller(model, tokenizer, examples: Sequence[Example], config: FitConfig | None = None,
                    validation: Sequence[Example] | None = None, progress: bool = True,
-                   retain: Sequence[Example] | None = None) -> Controller:
+                   retain: Sequence[Example] | None = None, contrast: Sequence[Example] | None = None) -> Controller:
     return fit_controllers(model, tokenizer, [examples], config, [validation] if validation else None, progress,
-                           retain=retain)[0]
+                           retain=retain, contrast=contrast)[0]

@@ -74,7 +74,7 @@ class FitParams(Strict):
     add_eos: bool = _FIT.add_eos
     retain_kl: float = Field(_FIT.retain_kl, ge=0, le=100, description="KL-to-base weight on the bundled retain set")
     selection_contrast: float = Field(_FIT.selection_contrast, ge=0, le=100,
-                                      description="weight of the retain set's saliency subtracted when choosing gates")
+                                      description="weight of the bundled contrast text's saliency subtracted when choosing gates")
 
 
 class ExampleIn(Strict):

@@ -128,8 +128,8 @@ def test_controller_from_another_tokenizer_is_refused(tmp_path, capsys, tiny_mod
 
 
 def test_fit_retain_options(tmp_path, capsys, tiny_model_dir, train_file):
-    """--retain-file/--retain-tokens/--retain-rows/--selection-contrast reach the fit; bad values exit 1
-    with the place."""
+    """--retain-file/--contrast-file/--retain-tokens/--retain-rows/--selection-contrast reach the fit;
+    bad values exit 1 with the place."""
     retain = tmp_path / "retain.jsonl"
     retain.write_text('{"prompt": "Hello", "completion": " world"}\n{"prompt": "", "completion": "The quick fox."}\n'
                       '{"prompt": "user", "completion": " assistant"}\n')
@@ -140,12 +140,20 @@ def test_fit_retain_options(tmp_path, capsys, tiny_model_dir, train_file):
     assert code == 0, out
     fit = Controller.load(ctrl).meta["fit"]
     assert (fit["retain_examples"], fit["retain_tokens"], fit["retain_rows"]) == (3, "all", 2)
-    assert fit["selection_contrast"] == 0.5
+    assert fit["selection_contrast"] == 0.5 and fit["contrast_examples"] == 32  # the bundled rows choose the gates
+    ctrl2 = tmp_path / "c2.safetensors"
+    code, out, _ = run(capsys, "fit", "--model", tiny_model_dir, "--train", train_file, "--out", ctrl2, *FAST,
+                       "--contrast-file", retain, "--json")
+    assert code == 0, out
+    assert Controller.load(ctrl2).meta["fit"]["contrast_examples"] == 3
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "a", "completion": " b"}\n{"prompt": 3}\n')
     out2 = tmp_path / "d.safetensors"
     code, _, err = run(capsys, "fit", "--model", tiny_model_dir, "--train", train_file, "--out", out2, *FAST,
                        "--retain-file", bad)
+    assert code != 0 and "bad.jsonl:2" in err and not out2.exists()
+    code, _, err = run(capsys, "fit", "--model", tiny_model_dir, "--train", train_file, "--out", out2, *FAST,
+                       "--contrast-file", bad)
     assert code != 0 and "bad.jsonl:2" in err and not out2.exists()
     code, _, err = run(capsys, "fit", "--model", tiny_model_dir, "--train", train_file, "--out", out2, *FAST,
                        "--retain-tokens", "prompt")

@@ -88,7 +88,7 @@ def test_contrast_scores_prefer_task_specific_channels():
 def test_selection_contrast_moves_gates_off_generic_channels(model, tok):
     """With selection_contrast, the chosen gates carry less saliency on the retain text than the
     plain top-k, and two controllers on different data share fewer gates."""
-    from ntkmirror.data import Example, collate, encode_all, pad_id
+    from ntkmirror.data import Example, collate, default_contrast_examples, encode_all, pad_id
     from ntkmirror.gates import parse_layers
     from ntkmirror.models import find_decoder_layers, hidden_size
     from ntkmirror.selection import saliency_scores
@@ -97,8 +97,8 @@ def test_selection_contrast_moves_gates_off_generic_channels(model, tok):
               Example("Question: what is 2 + 2?\nAnswer:", " 4")]
     sets = [examples(16, 1), [Example(e.prompt, e.completion.upper()) for e in examples(16, 2)]]
     kw = dict(gates=24, steps=0, score_batches=2, batch_size=8, retain_kl=0.0)
-    plain = fit_controllers(model, tok, sets, FitConfig(**kw, selection_contrast=0.0), progress=False, retain=retain)
-    apart = fit_controllers(model, tok, sets, FitConfig(**kw, selection_contrast=2.0), progress=False, retain=retain)
+    plain = fit_controllers(model, tok, sets, FitConfig(**kw, selection_contrast=0.0), progress=False, contrast=retain)
+    apart = fit_controllers(model, tok, sets, FitConfig(**kw, selection_contrast=2.0), progress=False, contrast=retain)
     layers = parse_layers("all", len(find_decoder_layers(model)[1]))
     enc = encode_all(tok, retain, 1024, True)
     generic = saliency_scores(model, [(collate(enc, pad_id(tok)), torch.zeros(len(enc), dtype=torch.long))],
@@ -113,14 +113,19 @@ def test_selection_contrast_moves_gates_off_generic_channels(model, tok):
     for p, a in zip(plain, apart):
         assert a.num_gates == p.num_gates == 24 and on_generic(a) < 0.8 * on_generic(p)
     assert shared(*apart) < shared(*plain)
-    # the contrast text can differ from the KL's retain text: given as `contrast`, it alone chooses
+    # the contrast text is apart from the KL's retain text: given as `contrast`, it alone chooses; not
+    # given, the bundled contrast text does, whatever the retain text
     other = [Example("", "Colourless green ideas sleep furiously.")]
-    same = fit_controllers(model, tok, sets, FitConfig(**kw, selection_contrast=2.0), progress=False, retain=other,
-                           contrast=retain)
-    moved = fit_controllers(model, tok, sets, FitConfig(**kw, selection_contrast=2.0), progress=False, retain=other)
+    cfg = FitConfig(**kw, selection_contrast=2.0)
+    same = fit_controllers(model, tok, sets, cfg, progress=False, retain=other, contrast=retain)
     assert all(torch.equal(a.keys(), s.keys()) for a, s in zip(apart, same))
-    assert not all(torch.equal(a.keys(), m.keys()) for a, m in zip(apart, moved))
     assert same[0].meta["fit"]["contrast_examples"] == 3 and same[0].meta["fit"]["retain_examples"] == 0
+    bundled = fit_controllers(model, tok, sets, cfg, progress=False, contrast=default_contrast_examples())
+    for given in (other, retain, None):
+        moved = fit_controllers(model, tok, sets, cfg, progress=False, retain=given)
+        assert all(torch.equal(b.keys(), m.keys()) for b, m in zip(bundled, moved))
+        assert moved[0].meta["fit"]["contrast_examples"] == 32
+    assert not all(torch.equal(a.keys(), b.keys()) for a, b in zip(apart, bundled))
     with __import__("pytest").raises(Exception, match="selection_contrast"):
         FitConfig(selection_contrast=-1.0).check()
 

@@ -226,7 +226,7 @@ def test_default_fit_keeps_to_the_bundled_retain_set(model, tok):
 
     manifest_retain = [Example("", "text")]
     assert fit_texts("default", FitConfig(), manifest_retain, tok, model) == (None, None)  # the library's own
-    assert fit_texts("kl5-c1", FitConfig(), manifest_retain, tok, model) == (manifest_retain, None)
+    assert fit_texts("kl5-c1", FitConfig(), manifest_retain, tok, model) == (manifest_retain, manifest_retain)
     data = [Example(**r) for r in arithmetic_rows(8)]
     kw = dict(gates=8, steps=1, batch_size=4, score_batches=1)
     on = fit_controllers(model, tok, [data], FitConfig(**kw), progress=False)[0]
