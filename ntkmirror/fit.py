@@ -233,9 +233,10 @@ def fit_controllers(model, tokenizer, datasets: Sequence[Sequence[Example]], con
         contrast = None
     elif contrast is None:
         contrast = default_contrast_examples()
-    if retain is None and (cfg.retain_kl > 0 or wants_pairs):
+    wants_kl = cfg.retain_kl > 0 or wants_pairs
+    if retain is None and wants_kl:
         retain = default_retain_examples()
-    use_retain = bool(retain) and (cfg.retain_kl > 0 or wants_pairs)
+    use_retain = bool(retain) and wants_kl
 
     def encode_generic(rows):
         if cfg.retain_tokens == "all":  # the prompt is text to leave alone too
