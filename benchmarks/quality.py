@@ -165,6 +165,16 @@ CONFIGS = {
         **STRONG, "retain_kl": float(kl), "selection_contrast": 1.0, "retain_rows": 16,
         "retain_set": f"benchmarks/tasks/retain_{text}.jsonl+sampled:96:16", "contrast_set": "ntkmirror/retain.jsonl"}
        for kl, text in ((5, "phrases"), (10, "phrases"), (5, "clauses"))},
+    # run 8: that broad KL text with more room to fit the task as well: twice the gates, twice the steps,
+    # or 256 of the model's texts instead of 96
+    **{f"kl{kl}-c1b-clauses-self{n}-r16-{tag}": {
+        **STRONG, "retain_kl": float(kl), "selection_contrast": 1.0, "retain_rows": 16, **extra,
+        "retain_set": f"benchmarks/tasks/retain_clauses.jsonl+sampled:{n or 96}:16", "contrast_set": "ntkmirror/retain.jsonl"}
+       for kl, n, tag, extra in ((5, "", "g10000", {"gates": 10000}), (10, "", "g10000", {"gates": 10000}),
+                                 (5, "", "st480", {"steps": 480}), (10, 256, "g10000", {"gates": 10000}),
+                                 (10, "", "g10000-s1", {"gates": 10000, "seed": 1}),
+                                 (10, "", "g10000-s2", {"gates": 10000, "seed": 2}),
+                                 (20, "", "g10000", {"gates": 10000}), (7, "", "g10000", {"gates": 10000}))},
     "kl5-s1": {**STRONG, "retain_kl": 5.0, "seed": 1},
     "kl5-s2": {**STRONG, "retain_kl": 5.0, "seed": 2},
 }

@@ -290,14 +290,36 @@ NAMES = [("The composer Ludwig van", " Beethoven."), ("The detective Sherlock", 
          ("The ancient pyramids of", " Giza."), ("The Taj", " Mahal.")]
 
 
+# A sixth probe, fixed before any result on it was seen (run 8): everyday words in other languages,
+# a genre no retain text, task, probe or RETAIN_OPENERS holds; the held-out check for the model's
+# own texts that run 8 adds to the KL text.
+FOREIGN_WORDS = [("In French, thank you is", " merci."), ("In French, yes is", " oui."),
+                 ("In French, good day is", " bonjour."), ("In French, the cat is le", " chat."),
+                 ("In French, water is l'", "eau."), ("In French, goodbye is au", " revoir."),
+                 ("In French, cheese is", " fromage."), ("In French, one, two, three is un, deux,", " trois."),
+                 ("In Spanish, hello is", " hola."), ("In Spanish, thank you is", " gracias."),
+                 ("In Spanish, friend is", " amigo."), ("In Spanish, the house is la", " casa."),
+                 ("In Spanish, one, two, three is uno, dos,", " tres."), ("In Spanish, good morning is buenos", " días."),
+                 ("In Spanish, cat is", " gato."), ("In Spanish, water is", " agua."),
+                 ("In German, yes is", " ja."), ("In German, thank you is", " danke."),
+                 ("In German, good night is gute", " Nacht."), ("In German, good morning is guten", " Morgen."),
+                 ("In German, dog is", " Hund."), ("In German, one, two, three is eins, zwei,", " drei."),
+                 ("In Italian, goodbye is", " ciao."), ("In Italian, thank you is", " grazie."),
+                 ("In Italian, good evening is buona", " sera."), ("In Italian, friend is", " amico."),
+                 ("In Japanese, thank you is", " arigato."), ("In Japanese, hello is", " konnichiwa."),
+                 ("In Latin, I came, I saw, I conquered is veni, vidi,", " vici."), ("In Latin, seize the day is carpe", " diem."),
+                 ("In Spanish, yes is", " sí."), ("In French, bread is du", " pain.")]
+
+
 def probe_rows() -> dict[str, list[dict]]:
-    """Every interference probe's rows, by its name in the manifest (A, then B, C, D and E)."""
+    """Every interference probe's rows, by its name in the manifest (A, then B to F)."""
     pairs = {"unrelated": [(f"The capital of {c} is", f" {cap}.") for c, cap in CAPITALS] +
                           [(f"The opposite of {w} is", f" {a}.") for w, a in ANTONYMS],
              "unrelated_b": SEQUENCES + IDIOMS,
              "unrelated_c": WORD_FORMS + CODE_LINES,
              "unrelated_d": COLLOCATIONS,
-             "unrelated_e": NAMES}
+             "unrelated_e": NAMES,
+             "unrelated_f": FOREIGN_WORDS}
     return {name: [{"prompt": p, "completion": c} for p, c in rows] for name, rows in pairs.items()}
 
 
