@@ -23,7 +23,7 @@ import platform
 import sys
 import time
 import zipfile
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from datetime import datetime, timezone
 from itertools import combinations
 from pathlib import Path
@@ -34,12 +34,12 @@ from ntkmirror.compose import compose
 from ntkmirror.controller import Controller
 from ntkmirror.data import collate, encode_all, load_jsonl_examples, pad_id
 from ntkmirror.evaluate import exact_match, generate
-from ntkmirror.fit import FitConfig, fit_controllers
+from ntkmirror.fit import FitConfig, fit_controllers, kl_text
 from ntkmirror.gates import attach, row_gates
 from ntkmirror.models import find_decoder_layers, hidden_size
 
 from .report import rank_configs, report, summarise
-from .tasks.generate import PROBES, load_manifest
+from .tasks.generate import PROBES, load_manifest, probe_hits
 
 # FitConfig overrides per config. SEED pins the seed's defaults (the runs in docs/results.md were made
 # with them); "default" is FitConfig() with the library's retain and contrast text, as they stand (since
@@ -47,7 +47,8 @@ from .tasks.generate import PROBES, load_manifest
 # KL text). Every named config pins the fields that later defaults changed; without a retain_set it fits
 # with the manifest's retain.jsonl (the bundled 32 rows) for both the KL and the contrast.
 # gates=-1: every channel of every gated layer.
-SEED = {"lr": 5e-3, "max_log_gate": 0.05, "retain_kl": 0.0, "selection_contrast": 0.0, "retain_rows": 4}
+SEED = {"lr": 5e-3, "max_log_gate": 0.05, "retain_kl": 0.0, "selection_contrast": 0.0, "retain_rows": 4, "gates": 5000,
+        "retain_samples": 0}
 STRONG = {**SEED, "lr": 2e-2, "max_log_gate": 0.2}
 CONFIGS = {
     "default": {"retain_set": "library", "contrast_set": "library"},
@@ -344,20 +345,24 @@ def _retain_source(part: str, tok, model) -> list:
     if part.startswith("sampled:"):
         from ntkmirror.evaluate import sampled_retain_examples
 
-        from .tasks.generate import probe_hits
-
         n, tokens = (part.split(":")[1:] + ["48"])[:2]
         return [ex for ex in sampled_retain_examples(model, tok, n=int(n), max_new_tokens=int(tokens))
                 if not probe_hits([ex.prompt + ex.completion])]  # drop any holding a probe
     return load_jsonl_examples(Path(__file__).resolve().parents[1] / part, tok)
 
 
-def fit_texts(name: str, cfg: FitConfig, retain: list, tok, model) -> tuple[list | None, list | None]:
-    """(retain, contrast) a config passes to fit_controllers (None: the library's default). Without a
-    contrast_set the contrast is the config's retain text, as fit_controllers chose until run 7."""
-    fit_retain = config_retain(name, retain, tok, model) if cfg.retain_kl > 0 or cfg.pair_kl > 0 else None
+def fit_texts(name: str, cfg: FitConfig, retain: list, tok, model) -> tuple[FitConfig, list | None, list | None]:
+    """(config, retain, contrast) a config passes to fit_controllers (None: the library's default).
+    Without a contrast_set the contrast is the config's retain text, as fit_controllers chose until run 7.
+    The library's KL text (fit.kl_text) is made here when it holds the model's own samples, so that
+    any sample holding a probe's prompt is dropped, as for `sampled:` sets."""
+    wants_kl = cfg.retain_kl > 0 or cfg.pair_kl > 0
+    fit_retain = config_retain(name, retain, tok, model) if wants_kl else None
+    if wants_kl and fit_retain is None and cfg.retain_samples:
+        fit_retain = [ex for ex in kl_text(model, tok, cfg) if not probe_hits([ex.prompt + ex.completion])]
+        cfg = replace(cfg, retain_samples=0)  # they are in fit_retain now
     contrast = config_retain(name, retain, tok, model, "contrast_set") if "contrast_set" in CONFIGS[name] else fit_retain
-    return fit_retain, contrast
+    return cfg, fit_retain, contrast
 
 
 def _peak_reset(device):
@@ -448,8 +453,8 @@ def run(args) -> Path:
         if len(ctrls) < len(task_names):  # fit the remaining memories with the same config
             cfg = fit_config(CONFIGS[best], args, n_all)
             rest = [t for t in task_names if t not in ctrls]
-            fit_retain, contrast = fit_texts(best, cfg, retain, tok, model)
-            more = fit_controllers(model, tok, [train[t] for t in rest], cfg, progress=not args.quiet,
+            fit_cfg, fit_retain, contrast = fit_texts(best, cfg, retain, tok, model)
+            more = fit_controllers(model, tok, [train[t] for t in rest], fit_cfg, progress=not args.quiet,
                                    retain=fit_retain, contrast=contrast)
             ctrls = {t: ctrls.get(t) or more[rest.index(t)] for t in task_names}
         memory_stage(R, model, tok, best, ctrls, evals, queries, manifest, args)
@@ -466,12 +471,12 @@ def controller_arm(R, model, tok, name, main, task_names, train, evals, unrelate
     cfg = fit_config(CONFIGS[name], args, n_all)
     fit_tasks = task_names if (args.fit_all_tasks or name in args.memory_configs) else main
     packs = fit_packs(name, fit_tasks)
-    fit_retain, contrast = fit_texts(name, cfg, retain, tok, model)
+    fit_cfg, fit_retain, contrast = fit_texts(name, cfg, retain, tok, model)
     mem0 = _peak_reset(device)
     t0 = time.perf_counter()
     ctrls = {}
     for pack in packs:
-        ctrls.update(zip(pack, fit_controllers(model, tok, [train[t] for t in pack], cfg, progress=not args.quiet,
+        ctrls.update(zip(pack, fit_controllers(model, tok, [train[t] for t in pack], fit_cfg, progress=not args.quiet,
                                                retain=fit_retain, contrast=contrast)))
     seconds = time.perf_counter() - t0
     peak, adapt = _peak(device, mem0)

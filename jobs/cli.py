@@ -55,11 +55,12 @@ def fit(
     score_batches: int = FIT_OPTIONS["score_batches"], batch_size: int = FIT_OPTIONS["batch_size"],
     max_length: int = FIT_OPTIONS["max_length"], seed: int = FIT_OPTIONS["seed"], score: str = FIT_OPTIONS["score"],
     no_eos: bool = FIT_OPTIONS["no_eos"], eval_every: int = FIT_OPTIONS["eval_every"],
-    patience: int = FIT_OPTIONS["patience"],
+    patience: int = FIT_OPTIONS["patience"], retain_kl: float = FIT_OPTIONS["retain_kl"],
+    retain_samples: int = FIT_OPTIONS["retain_samples"],
 ):
     """Fit one controller per manifest row over a replica pool and store them (reruns skip done items)."""
     cfg = fit_config(gates, steps, lr, max_log_gate, layers, score_batches, batch_size, max_length, seed, score,
-                     no_eos, eval_every, patience)
+                     no_eos, eval_every, patience, retain_kl, retain_samples).check()
     if replicas < 1 or pack_size < 1:
         raise ConfigError("--replicas and --pack-size must be at least 1")
     if submit:

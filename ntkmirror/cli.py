@@ -62,7 +62,7 @@ class _null:
 
 
 def fit_config(gates, steps, lr, max_log_gate, layers, score_batches, batch_size, max_length, seed, score,
-               no_eos, eval_every, patience, retain_kl=None):
+               no_eos, eval_every, patience, retain_kl=None, retain_samples=None):
     from .fit import FitConfig
 
     for name, v in (("gates", gates), ("steps", steps), ("batch-size", batch_size), ("max-length", max_length),
@@ -76,12 +76,13 @@ def fit_config(gates, steps, lr, max_log_gate, layers, score_batches, batch_size
     return FitConfig(gates=gates, steps=steps, lr=lr, max_log_gate=max_log_gate, layers=layers,
                      score_batches=score_batches, batch_size=batch_size, max_length=max_length, seed=seed,
                      score=score, add_eos=not no_eos, eval_every=eval_every, patience=patience,
-                     **({} if retain_kl is None else {"retain_kl": retain_kl}))
+                     **({} if retain_kl is None else {"retain_kl": retain_kl}),
+                     **({} if retain_samples is None else {"retain_samples": retain_samples}))
 
 
 # Option declarations reused by every command that fits (fit, memory add, jobs fit).
 FIT_OPTIONS = dict(
-    gates=typer.Option(5000, "--gates", help="number of (layer, channel) log-gates"),
+    gates=typer.Option(10000, "--gates", help="number of (layer, channel) log-gates"),
     steps=typer.Option(240, "--steps", help="AdamW steps on the gate values"),
     lr=typer.Option(2e-2, "--lr", help="learning rate"),
     max_log_gate=typer.Option(0.2, "--max-log-gate", help="bound on each signed log-gate"),
@@ -94,7 +95,10 @@ FIT_OPTIONS = dict(
     no_eos=typer.Option(False, "--no-eos", help="do not append EOS to completions"),
     eval_every=typer.Option(0, "--eval-every", help="validation interval in steps (0: steps/10)"),
     patience=typer.Option(0, "--patience", help="early stop after N evaluations without gain (0: off)"),
-    retain_kl=typer.Option(5.0, "--retain-kl", help="weight of KL-to-base on bundled generic text (0: off)"),
+    retain_kl=typer.Option(10.0, "--retain-kl", help="weight of KL-to-base on generic text: the bundled rows (or "
+                                                     "--retain-file) and the model's own samples (0: off)"),
+    retain_samples=typer.Option(96, "--retain-samples", help="short texts the model writes itself, added to the "
+                                                             "KL text (0: none)"),
 )
 
 
@@ -113,6 +117,7 @@ def fit(
     max_length: int = FIT_OPTIONS["max_length"], seed: int = FIT_OPTIONS["seed"], score: str = FIT_OPTIONS["score"],
     no_eos: bool = FIT_OPTIONS["no_eos"], eval_every: int = FIT_OPTIONS["eval_every"],
     patience: int = FIT_OPTIONS["patience"], retain_kl: float = FIT_OPTIONS["retain_kl"],
+    retain_samples: int = FIT_OPTIONS["retain_samples"],
     compile_fit: bool = typer.Option(False, "--compile", help="torch.compile the fit step: for long GPU fits of "
                                                                "larger models (the compile costs tens of seconds)"),
     retain_file: Optional[Path] = typer.Option(None, "--retain-file", help="JSONL of text to keep close to the base "
@@ -121,7 +126,7 @@ def fit(
                                                                                "avoids (default: the bundled 32 rows)"),
     retain_tokens: str = typer.Option("completion", "--retain-tokens", help="KL on the retain rows' completion "
                                                                             "tokens or on all their tokens"),
-    retain_rows: int = typer.Option(8, "--retain-rows", help="retain rows per step"),
+    retain_rows: int = typer.Option(16, "--retain-rows", help="rows of the KL text per step"),
     selection_contrast: float = typer.Option(1.0, "--selection-contrast",
                                              help="choose gates away from channels the contrast text leans on: "
                                                   "weight of its saliency subtracted at selection (0: off)"),
@@ -133,7 +138,7 @@ def fit(
     from .models import find_decoder_layers
 
     cfg = fit_config(gates, steps, lr, max_log_gate, layers, score_batches, batch_size, max_length, seed, score,
-                     no_eos, eval_every, patience, retain_kl)
+                     no_eos, eval_every, patience, retain_kl, retain_samples)
     cfg.compile, cfg.retain_tokens, cfg.retain_rows = compile_fit, retain_tokens, retain_rows
     cfg.selection_contrast = selection_contrast
     cfg.check()  # before the model loads

@@ -20,6 +20,7 @@ from .controller import MAX_LOG_GATE_LIMIT, Controller, new_meta
 from .data import (Batch, Example, collate, data_hash, default_contrast_examples, default_retain_examples, encode_all,
                    pad_id)
 from .errors import ConfigError, DataError
+from .evaluate import sampled_retain_examples
 from .gates import RowGates, attach, parse_layers
 from .models import compiled_layers, find_decoder_layers, hidden_size
 from .objective import compiled_head_loss, group_means, supervised_logits, token_losses
@@ -28,9 +29,9 @@ from .selection import contrast_scores, random_scores, saliency_scores, top_gate
 
 @dataclass
 class FitConfig:
-    gates: int = 5000
+    gates: int = 10000  # with the model's own texts in the KL text (run 8): room to fit the task as well
     steps: int = 240
-    lr: float = 2e-2  # lr, max_log_gate, retain_kl, selection_contrast: measured together in docs/results.md
+    lr: float = 2e-2  # lr, max_log_gate, retain_kl, selection_contrast, ...: measured together in docs/results.md
     max_log_gate: float = 0.2
     layers: str = "all"
     score_batches: int = 16
@@ -45,8 +46,10 @@ class FitConfig:
     eval_every: int = 0  # validation interval in steps (0: steps // 10)
     patience: int = 0  # stop after this many evaluations without improvement (0: never)
     stats_examples: int = 32  # training examples used for the before/after NLL
-    retain_kl: float = 5.0  # weight of KL(base || gated) on retain examples (default: data.default_retain_examples)
-    retain_rows: int = 8  # retain examples per step, seen by every controller
+    retain_kl: float = 10.0  # weight of KL(base || gated) on the KL text (kl_text)
+    retain_rows: int = 16  # rows of the KL text per step, seen by every controller
+    retain_samples: int = 96  # short texts the model writes itself (seeded), added to the KL text
+    retain_sample_tokens: int = 16  # tokens in each of those texts
     retain_tokens: str = "completion"  # where the KL is taken: "completion" tokens or "all" tokens of a row
     pair_kl: float = 0.0  # weight of the same KL under each controller composed with another of its pack
     compile: bool = False  # compile the fit step (compiled_fit): for long GPU fits of larger models / packs
@@ -54,7 +57,7 @@ class FitConfig:
     def check(self) -> "FitConfig":
         """Refuse settings that would fail late, silently do nothing, or never end."""
         for name, lo in (("gates", 1), ("steps", 0), ("batch_size", 1), ("score_batches", 1), ("max_length", 1),
-                         ("retain_rows", 1)):
+                         ("retain_rows", 1), ("retain_samples", 0), ("retain_sample_tokens", 1)):
             if not getattr(self, name) >= lo:
                 raise ConfigError(f"{name} must be at least {lo}, got {getattr(self, name)!r}")
         if not (math.isfinite(self.lr) and self.lr > 0):
@@ -196,6 +199,18 @@ def compiled_fit(model, **compile_kw):
         yield model
 
 
+def kl_text(model, tokenizer, config: FitConfig, retain: Sequence[Example] | None = None) -> list[Example]:
+    """The text the KL term keeps each controller close to the base model on: `retain` (default: the
+    bundled generic rows, data.default_retain_examples) plus config.retain_samples short texts the
+    model writes itself from generic openers (seeded by config.seed). Those reach genres no bundled
+    row holds: names, other languages (docs/results.md, run 8)."""
+    rows = list(default_retain_examples() if retain is None else retain)
+    if config.retain_samples:
+        rows += sampled_retain_examples(model, tokenizer, config.retain_samples, config.retain_sample_tokens,
+                                        seed=config.seed)
+    return rows
+
+
 def fit_controllers(model, tokenizer, datasets: Sequence[Sequence[Example]], config: FitConfig | None = None,
                     validation: Sequence[Sequence[Example]] | None = None, progress: bool = True,
                     extra_meta: Sequence[dict] | None = None,
@@ -204,9 +219,9 @@ def fit_controllers(model, tokenizer, datasets: Sequence[Sequence[Example]], con
     """Fit one controller per dataset, all in the same forward/backward passes.
 
     With cfg.retain_kl > 0, each step also penalises each controller's KL divergence from the base
-    model on cfg.retain_rows of the `retain` examples (default: bundled generic text,
-    data.default_retain_examples), which keeps strong controllers composable and off unrelated
-    prompts. With cfg.selection_contrast > 0 the gates are chosen away from the channels that
+    model on cfg.retain_rows rows of kl_text: the `retain` examples (default: bundled generic text)
+    and cfg.retain_samples texts the model writes, which keeps strong controllers composable and off
+    unrelated prompts. With cfg.selection_contrast > 0 the gates are chosen away from the channels that
     `contrast` leans on (default: data.default_contrast_examples, whatever the retain text: a larger
     or different contrast text measured worse, docs/results.md runs 4i and 6a),
     which keeps different memories on different channels. With cfg.pair_kl > 0 and two or more
@@ -234,9 +249,8 @@ def fit_controllers(model, tokenizer, datasets: Sequence[Sequence[Example]], con
     elif contrast is None:
         contrast = default_contrast_examples()
     wants_kl = cfg.retain_kl > 0 or wants_pairs
-    if retain is None and wants_kl:
-        retain = default_retain_examples()
-    use_retain = bool(retain) and wants_kl
+    retain = kl_text(model, tokenizer, cfg, retain) if wants_kl else None
+    use_retain = bool(retain)
 
     def encode_generic(rows):
         if cfg.retain_tokens == "all":  # the prompt is text to leave alone too

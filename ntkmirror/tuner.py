@@ -31,7 +31,7 @@ class ForwardFineTuner:
         print(tuner.generate("Question: 47 + 36 = ?\\nAnswer:"))
     """
 
-    def __init__(self, model, tokenizer, gates: int = 5000, controller: Controller | None = None, **config):
+    def __init__(self, model, tokenizer, gates: int = FitConfig.gates, controller: Controller | None = None, **config):
         unknown = set(config) - {f.name for f in fields(FitConfig)}
         if unknown:
             raise ConfigError(f"unknown ForwardFineTuner option(s): {sorted(unknown)}")

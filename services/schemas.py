@@ -72,7 +72,10 @@ class FitParams(Strict):
     seed: int = Field(_FIT.seed, ge=0, le=2**31 - 1)
     score: Literal["abs", "coherent"] = _FIT.score
     add_eos: bool = _FIT.add_eos
-    retain_kl: float = Field(_FIT.retain_kl, ge=0, le=100, description="KL-to-base weight on the bundled retain set")
+    retain_kl: float = Field(_FIT.retain_kl, ge=0, le=100,
+                             description="KL-to-base weight on the bundled retain set and the model's own samples")
+    retain_samples: int = Field(_FIT.retain_samples, ge=0, le=1024,
+                                description="short texts the model writes itself, added to the KL text")
     selection_contrast: float = Field(_FIT.selection_contrast, ge=0, le=100,
                                       description="weight of the bundled contrast text's saliency subtracted when choosing gates")
 

@@ -10,6 +10,7 @@ import pytest
 from conftest import write_jsonl
 from ntkmirror import Controller
 from ntkmirror.cli import main
+from ntkmirror.fit import FitConfig
 from test_controller import make_controller
 from tiny import tiny_model
 
@@ -136,16 +137,18 @@ def test_fit_retain_options(tmp_path, capsys, tiny_model_dir, train_file):
     ctrl = tmp_path / "c.safetensors"
     code, out, _ = run(capsys, "fit", "--model", tiny_model_dir, "--train", train_file, "--out", ctrl, *FAST,
                        "--retain-file", retain, "--retain-tokens", "all", "--retain-rows", "2",
-                       "--selection-contrast", "0.5", "--json")
+                       "--selection-contrast", "0.5", "--retain-samples", "0", "--json")
     assert code == 0, out
     fit = Controller.load(ctrl).meta["fit"]
-    assert (fit["retain_examples"], fit["retain_tokens"], fit["retain_rows"]) == (3, "all", 2)
+    assert (fit["retain_examples"], fit["retain_tokens"], fit["retain_rows"], fit["retain_samples"]) == (3, "all", 2, 0)
     assert fit["selection_contrast"] == 0.5 and fit["contrast_examples"] == 32  # the bundled rows choose the gates
     ctrl2 = tmp_path / "c2.safetensors"
     code, out, _ = run(capsys, "fit", "--model", tiny_model_dir, "--train", train_file, "--out", ctrl2, *FAST,
                        "--contrast-file", retain, "--json")
     assert code == 0, out
-    assert Controller.load(ctrl2).meta["fit"]["contrast_examples"] == 3
+    fit2 = Controller.load(ctrl2).meta["fit"]
+    assert fit2["contrast_examples"] == 3 and fit2["retain_samples"] == FitConfig().retain_samples
+    assert 64 < fit2["retain_examples"] <= 64 + FitConfig().retain_samples  # the bundled rows + the model's own texts
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "a", "completion": " b"}\n{"prompt": 3}\n')
     out2 = tmp_path / "d.safetensors"
@@ -161,6 +164,9 @@ def test_fit_retain_options(tmp_path, capsys, tiny_model_dir, train_file):
     code, _, err = run(capsys, "fit", "--model", tiny_model_dir, "--train", train_file, "--out", out2, *FAST,
                        "--selection-contrast", "-1")
     assert code != 0 and "selection_contrast" in err and not out2.exists()
+    code, _, err = run(capsys, "fit", "--model", tiny_model_dir, "--train", train_file, "--out", out2, *FAST,
+                       "--retain-samples", "-1")
+    assert code != 0 and "retain_samples" in err and not out2.exists()
 
 
 @pytest.mark.parametrize("case, extra, message, code", [

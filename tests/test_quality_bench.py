@@ -4,6 +4,7 @@ composition rules, and a tiny end-to-end run (fit, PEFT baseline, pairs, memory,
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -70,8 +71,9 @@ def _retain_kl(model, tok, ctrl: Controller, examples) -> float:
 def test_retain_kl_keeps_unrelated_text_closer_to_base(model, tok):
     train = [Example(**r) for r in arithmetic_rows(16, seed=1)]
     retain = [Example("", "The quick brown fox jumps over the lazy dog."), Example("Hello", " world! user assistant")]
-    cfg = dict(gates=64, steps=25, batch_size=4, score_batches=2, lr=5e-2, max_log_gate=0.5, retain_rows=2)
-    free = fit_controllers(model, tok, [train], FitConfig(**cfg), progress=False)[0]
+    cfg = dict(gates=64, steps=25, batch_size=4, score_batches=2, lr=5e-2, max_log_gate=0.5, retain_rows=2,
+               retain_samples=0)
+    free = fit_controllers(model, tok, [train], FitConfig(**cfg, retain_kl=0.0), progress=False)[0]
     kept = fit_controllers(model, tok, [train], FitConfig(**cfg, retain_kl=10.0), progress=False, retain=retain)[0]
     assert torch.equal(free.keys(), kept.keys())  # same selection: only the objective differs
     assert _retain_kl(model, tok, kept, retain) < 0.5 * _retain_kl(model, tok, free, retain)
@@ -202,42 +204,56 @@ def test_quality_run_end_to_end_on_a_tiny_model(tmp_path):
             assert r["retained_a"] == pytest.approx(p["retained_a"], rel=1e-3)
 
 
-def test_default_fit_keeps_to_the_bundled_retain_set(model, tok):
+def test_default_fit_keeps_to_the_bundled_retain_set_and_the_models_own_texts(model, tok):
     from pathlib import Path
 
     from ntkmirror.data import default_contrast_examples, default_retain_examples
+    from ntkmirror.evaluate import sampled_retain_examples
+    from ntkmirror.fit import kl_text
 
     def rows(examples):
         return [(e.prompt, e.completion) for e in examples]
 
-    kl_text, contrast_text = rows(default_retain_examples()), rows(default_contrast_examples())
-    assert FitConfig().retain_kl > 0 and (len(kl_text), len(contrast_text)) == (64, 32)
-    assert kl_text[:32] == contrast_text  # the KL text is the contrast text plus the clauses
-    # the adopted default is the configuration run 6 measured (kl5-c1b-clauses-r8)
-    from benchmarks.quality import CONFIGS, fit_config
+    bundled, contrast_text = rows(default_retain_examples()), rows(default_contrast_examples())
+    assert FitConfig().retain_kl > 0 and (len(bundled), len(contrast_text)) == (64, 32)
+    assert bundled[:32] == contrast_text  # the bundled KL text is the contrast text plus the clauses
+    # the adopted default is the configuration run 8 measured (kl10-c1b-clauses-self-r16-g10000)
+    from benchmarks.quality import CONFIGS, _retain_source, fit_config, fit_texts
 
-    measured = CONFIGS["kl5-c1b-clauses-r8"]
+    measured = CONFIGS["kl10-c1b-clauses-self-r16-g10000"]
     root = Path(__file__).resolve().parents[1]
-    assert rows(load_jsonl_examples(root / measured["retain_set"])) == kl_text
+    file, sampled = measured["retain_set"].split("+")
+    assert rows(load_jsonl_examples(root / file)) == bundled
     assert rows(load_jsonl_examples(root / measured["contrast_set"])) == contrast_text
     args = type("A", (), {"steps": FitConfig().steps, "batch_size": FitConfig().batch_size, "seed": 0})
-    assert fit_config(measured, args, 0) == FitConfig()
-    from benchmarks.quality import fit_texts
-
+    assert fit_config(measured, args, 0) == replace(FitConfig(), retain_samples=0)  # its samples are in retain_set
+    cfg = FitConfig(retain_samples=5, retain_sample_tokens=4)
+    own = sampled_retain_examples(model, tok, 5, 4, seed=0)
+    assert rows(kl_text(model, tok, cfg)) == bundled + rows(own)
+    assert sampled == f"sampled:{FitConfig().retain_samples}:{FitConfig().retain_sample_tokens}"
+    assert rows(_retain_source("sampled:5:4", tok, model)) == rows(own)  # no sample holds a probe here
+    # the benchmark's "default" makes the library's KL text itself (to drop probe rows) and fits without more samples
     manifest_retain = [Example("", "text")]
-    assert fit_texts("default", FitConfig(), manifest_retain, tok, model) == (None, None)  # the library's own
-    assert fit_texts("kl5-c1", FitConfig(), manifest_retain, tok, model) == (manifest_retain, manifest_retain)
+    fit_cfg, retain, contrast = fit_texts("default", cfg, manifest_retain, tok, model)
+    assert fit_cfg == replace(cfg, retain_samples=0) and rows(retain) == bundled + rows(own) and contrast is None
+    assert fit_texts("default", replace(cfg, retain_samples=0), manifest_retain, tok, model) == (
+        replace(cfg, retain_samples=0), None, None)  # the library's own
+    assert fit_texts("kl5-c1", cfg, manifest_retain, tok, model) == (cfg, manifest_retain, manifest_retain)
     data = [Example(**r) for r in arithmetic_rows(8)]
-    kw = dict(gates=8, steps=1, batch_size=4, score_batches=1)
+    kw = dict(gates=8, steps=1, batch_size=4, score_batches=1, retain_samples=3, retain_sample_tokens=4)
     on = fit_controllers(model, tok, [data], FitConfig(**kw), progress=False)[0]
     off = fit_controllers(model, tok, [data], FitConfig(**kw, retain_kl=0.0, selection_contrast=0.0), progress=False)[0]
-    assert (on.meta["fit"]["retain_examples"], on.meta["fit"]["contrast_examples"]) == (64, 32)
+    n_own = len(sampled_retain_examples(model, tok, 3, 4, seed=0))
+    assert 0 < n_own <= 3 and (on.meta["fit"]["retain_examples"], on.meta["fit"]["contrast_examples"]) == (64 + n_own, 32)
     assert off.meta["fit"]["retain_examples"] == off.meta["fit"]["contrast_examples"] == 0
+    given = fit_controllers(model, tok, [data], FitConfig(**kw), progress=False, retain=manifest_retain)[0]
+    assert given.meta["fit"]["retain_examples"] == 1 + n_own  # the samples join a caller's retain set too
     # the retain set chooses the gates even without the KL term, and the record says so
     chooses = fit_controllers(model, tok, [data], FitConfig(**kw, retain_kl=0.0), progress=False)[0]
     assert (chooses.meta["fit"]["retain_examples"], chooses.meta["fit"]["contrast_examples"]) == (0, 32)
-    with pytest.raises(Exception, match="retain_kl"):
-        FitConfig(retain_kl=-1.0).check()
+    for bad in (dict(retain_kl=-1.0), dict(retain_samples=-1), dict(retain_sample_tokens=0)):
+        with pytest.raises(Exception, match=next(iter(bad))):
+            FitConfig(**bad).check()
 
 
 def test_retain_kl_on_all_tokens_covers_the_prompt(model, tok):
@@ -248,7 +264,7 @@ def test_retain_kl_on_all_tokens_covers_the_prompt(model, tok):
               Example("user assistant system. The lazy dog jumps over the quick brown fox.", " ok")]
     whole = [Example("", ex.prompt + ex.completion) for ex in retain]
     cfg = dict(gates=64, steps=25, batch_size=4, score_batches=2, lr=5e-2, max_log_gate=0.5, retain_rows=2,
-               retain_kl=10.0)
+               retain_kl=10.0, retain_samples=0)
     completion = fit_controllers(model, tok, [train], FitConfig(**cfg), progress=False, retain=retain)[0]
     everywhere = fit_controllers(model, tok, [train], FitConfig(**cfg, retain_tokens="all"), progress=False,
                                  retain=retain)[0]
@@ -268,7 +284,8 @@ def test_sampled_retain_examples_are_seeded_model_text(model, tok):
     assert a == b and a != c and 0 < len(a) <= 6
     assert all(ex.prompt in RETAIN_OPENERS and ex.completion.strip() for ex in a)
     train = [Example(**r) for r in arithmetic_rows(8)]
-    cfg = FitConfig(gates=16, steps=2, batch_size=4, score_batches=1, retain_kl=1.0, retain_tokens="all")
+    cfg = FitConfig(gates=16, steps=2, batch_size=4, score_batches=1, retain_kl=1.0, retain_tokens="all",
+                    retain_samples=0)
     ctrl = fit_controllers(model, tok, [train], cfg, progress=False, retain=a)[0]
     assert ctrl.meta["fit"]["retain_examples"] == len(a)
 
@@ -290,12 +307,14 @@ def test_config_retain_joins_a_file_and_the_models_own_samples(model, tok, monke
 
 def test_named_configs_pin_every_default_that_changed():
     """A named config means what it meant when it was measured: each one pins the fields whose
-    FitConfig default moved since (lr, max_log_gate, retain_kl, selection_contrast, retain_rows)."""
+    FitConfig default moved since (lr, max_log_gate, retain_kl, selection_contrast, retain_rows, gates,
+    retain_samples)."""
     from benchmarks.quality import CONFIGS
 
     for name, overrides in CONFIGS.items():
         if name != "default":
-            assert {"lr", "max_log_gate", "retain_kl", "selection_contrast", "retain_rows"} <= overrides.keys(), name
+            assert {"lr", "max_log_gate", "retain_kl", "selection_contrast", "retain_rows", "gates",
+                    "retain_samples"} <= overrides.keys(), name
     assert CONFIGS["m0.2-lr2e-2-kl5"]["selection_contrast"] == 0.0 and CONFIGS["kl5-c1"]["selection_contrast"] == 1.0
 
 
