@@ -4,7 +4,7 @@
 # Smaller/larger runs:  GATES=512 STEPS=40 bash examples/run_demo.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
-GATES=${GATES:-5000} STEPS=${STEPS:-60} LR=${LR:-2e-2} MAX_LOG_GATE=${MAX_LOG_GATE:-0.2}  # the defaults
+GATES=${GATES:-10000} STEPS=${STEPS:-60} LR=${LR:-2e-2} MAX_LOG_GATE=${MAX_LOG_GATE:-0.2}  # the defaults
 OUT=${OUT:-runs/demo}
 MODEL=${MODEL:+--model $MODEL}
 mkdir -p "$OUT"
