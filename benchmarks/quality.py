@@ -176,7 +176,13 @@ CONFIGS = {
                                  (10, "", "g10000-s1", {"gates": 10000, "seed": 1}),
                                  (10, "", "g10000-s2", {"gates": 10000, "seed": 2}),
                                  (20, "", "g10000", {"gates": 10000}), (7, "", "g10000", {"gates": 10000}),
-                                 (10, "", "g15000", {"gates": 15000}), (20, "", "g15000", {"gates": 15000}))},
+                                 (10, "", "g15000", {"gates": 15000}), (20, "", "g15000", {"gates": 15000}),
+                                 (15, "", "g10000", {"gates": 10000}), (10, "", "g12000", {"gates": 12000}))},
+    # run 8f: texts of 32 tokens instead of 16; 24 rows a step instead of 16
+    **{f"kl10-c1b-clauses-self{tokens}-r{rows}-g10000": {
+        **STRONG, "retain_kl": 10.0, "selection_contrast": 1.0, "retain_rows": rows, "gates": 10000,
+        "retain_set": f"benchmarks/tasks/retain_clauses.jsonl+sampled:96:{tokens[1:] or 16}",
+        "contrast_set": "ntkmirror/retain.jsonl"} for tokens, rows in (("x32", 16), ("", 24))},
     "kl5-s1": {**STRONG, "retain_kl": 5.0, "seed": 1},
     "kl5-s2": {**STRONG, "retain_kl": 5.0, "seed": 2},
 }
