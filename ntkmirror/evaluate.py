@@ -183,10 +183,9 @@ RETAIN_OPENERS = ("The", "Once", "In the morning,", "My favourite", "Scientists"
 def sampled_retain_examples(model, tokenizer, n: int = 128, max_new_tokens: int = 48, temperature: float = 1.0,
                             seed: int = 0, batch_size: int = 32) -> list[Example]:
     """Text the model itself writes from generic openers (sampled, seeded): a retain set that covers
-    the model's own typical output (the KL then holds the controller to the base model wherever
-    the base model is at home; cf. the random
-    prefixes that model-editing methods use for the same purpose). FitConfig.retain_samples adds
-    these to every fit's KL text (fit.kl_text)."""
+    the model's own typical output, so the KL holds a controller to the base model wherever the base
+    model is at home (cf. the random prefixes model-editing methods use for the same purpose).
+    FitConfig.retain_samples adds these to every fit's KL text (fit.kl_text)."""
     prompts = [RETAIN_OPENERS[i % len(RETAIN_OPENERS)] for i in range(n)]
     device = _device(model)
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):  # the caller's RNG untouched

@@ -283,6 +283,11 @@ def test_sampled_retain_examples_are_seeded_model_text(model, tok):
     c = sampled_retain_examples(model, tok, n=6, max_new_tokens=8, seed=4, batch_size=4)
     assert a == b and a != c and 0 < len(a) <= 6
     assert all(ex.prompt in RETAIN_OPENERS and ex.completion.strip() for ex in a)
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    sampled_retain_examples(model, tok, n=2, max_new_tokens=4, seed=3)  # every fit does this: the caller's RNG stays
+    assert torch.equal(torch.rand(3), expected)
     train = [Example(**r) for r in arithmetic_rows(8)]
     cfg = FitConfig(gates=16, steps=2, batch_size=4, score_batches=1, retain_kl=1.0, retain_tokens="all",
                     retain_samples=0)
