@@ -95,8 +95,8 @@ FIT_OPTIONS = dict(
     no_eos=typer.Option(False, "--no-eos", help="do not append EOS to completions"),
     eval_every=typer.Option(0, "--eval-every", help="validation interval in steps (0: steps/10)"),
     patience=typer.Option(0, "--patience", help="early stop after N evaluations without gain (0: off)"),
-    retain_kl=typer.Option(10.0, "--retain-kl", help="weight of KL-to-base on generic text: the bundled rows (or "
-                                                     "--retain-file) and the model's own samples (0: off)"),
+    retain_kl=typer.Option(10.0, "--retain-kl", help="weight of KL-to-base on generic text: the bundled rows (or a "
+                                                     "retain file) and the model's own samples (0: off)"),
     retain_samples=typer.Option(96, "--retain-samples", help="short texts the model writes itself, added to the "
                                                              "KL text (0: none)"),
 )

@@ -189,6 +189,9 @@ def test_cli_rejects_a_missing_manifest_and_writes_nothing(tmp_path, capsys):
                  "--report", str(tmp_path / "r.parquet")])
     assert code == 2 and "no such manifest" in capsys.readouterr().err
     assert not (tmp_path / "r.parquet").exists() and not (tmp_path / "store").exists()
+    code = main(["jobs", "fit", "--manifest", str(tmp_path / "none.jsonl"), "--store", str(tmp_path / "store"),
+                 "--report", str(tmp_path / "r.parquet"), "--retain-samples", "-1"])  # refused before any work
+    assert code == 2 and "retain_samples" in capsys.readouterr().err and not (tmp_path / "store").exists()
 
 
 # ---------------------------------------------------------------- on Ray
@@ -306,7 +309,7 @@ def test_job_submitted_through_ray_jobs_api(ray_cluster, pool, tmp_path, tiny_mo
     monkeypatch.chdir(tmp_path)  # relative paths here must mean the same files to the job, which runs elsewhere
     code = main(["jobs", "fit", "--submit", "--address", ray_cluster, "--json", "--manifest", "m.jsonl",
                  "--store", "store", "--report", "report.parquet", "--model", str(tiny_model_dir), "--replicas", "2",
-                 "--cpus-per-replica", "0.5", "--pack-size", "2", *FIT_FLAGS])
+                 "--cpus-per-replica", "0.5", "--pack-size", "2", *FIT_FLAGS, "--retain-samples", "3", "--retain-kl", "2"])
     store, report = tmp_path / "store", tmp_path / "report.parquet"
     out, err = capsys.readouterr()
     assert code == 0, err
@@ -317,6 +320,8 @@ def test_job_submitted_through_ray_jobs_api(ray_cluster, pool, tmp_path, tiny_mo
     assert table.num_rows == 4 and table.column("status").to_pylist() == ["ok"] * 4
     with MemoryStore.from_url(str(store)) as s:
         stored_exactly_once(s, rows)
+        fit = s.get_controller(rows[0]["tenant"], rows[0]["id"]).meta["fit"]
+        assert (fit["retain_samples"], fit["retain_kl"]) == (3, 2.0)  # the fit options reach the job's replicas
 
 
 def test_a_replica_that_cannot_load_its_model_is_a_clear_error(ray_cluster, pool, tmp_path):
