@@ -178,11 +178,14 @@ CONFIGS = {
                                  (20, "", "g10000", {"gates": 10000}), (7, "", "g10000", {"gates": 10000}),
                                  (10, "", "g15000", {"gates": 15000}), (20, "", "g15000", {"gates": 15000}),
                                  (15, "", "g10000", {"gates": 10000}), (10, "", "g12000", {"gates": 12000}))},
-    # run 8f: texts of 32 tokens instead of 16; 24 rows a step instead of 16
-    **{f"kl10-c1b-clauses-self{tokens}-r{rows}-g10000": {
-        **STRONG, "retain_kl": 10.0, "selection_contrast": 1.0, "retain_rows": rows, "gates": 10000,
-        "retain_set": f"benchmarks/tasks/retain_clauses.jsonl+sampled:96:{tokens[1:] or 16}",
-        "contrast_set": "ntkmirror/retain.jsonl"} for tokens, rows in (("x32", 16), ("", 24))},
+    # run 8f: texts of 32 tokens instead of 16; 24 rows a step instead of 16; run 8h: 32 tokens, fit seeds 1
+    # and 2; texts sampled at temperature 1.5 (more varied)
+    **{f"kl10-c1b-clauses-self{kind}-r{rows}-g10000{tag}": {
+        **STRONG, "retain_kl": 10.0, "selection_contrast": 1.0, "retain_rows": rows, "gates": 10000, **extra,
+        "retain_set": f"benchmarks/tasks/retain_clauses.jsonl+sampled:96:{texts}", "contrast_set": "ntkmirror/retain.jsonl"}
+       for kind, texts, rows, tag, extra in (("x32", "32", 16, "", {}), ("", "16", 24, "", {}),
+                                             ("x32", "32", 16, "-s1", {"seed": 1}), ("x32", "32", 16, "-s2", {"seed": 2}),
+                                             ("t1.5", "16:1.5", 16, "", {}))},
     "kl5-s1": {**STRONG, "retain_kl": 5.0, "seed": 1},
     "kl5-s2": {**STRONG, "retain_kl": 5.0, "seed": 2},
 }
@@ -337,7 +340,7 @@ def fit_config(overrides: dict, args, n_all: int) -> FitConfig:
 
 def config_retain(name: str, retain: list, tok, model=None, key: str = "retain_set") -> list:
     """The retain examples a config fits with: the manifest's, or its own `retain_set`: a file, or
-    `sampled:N[:T]`: N texts of T tokens (default 48) the model writes itself
+    `sampled:N[:T[:temperature]]`: N texts of T tokens (default 48; temperature 1) the model writes itself
     (ntkmirror.evaluate.sampled_retain_examples), or several of those joined by "+", or None for
     `library` (fit_controllers' own defaults). key="contrast_set": the text its gate selection
     steers away from (default: the same)."""
@@ -351,8 +354,10 @@ def _retain_source(part: str, tok, model) -> list:
     if part.startswith("sampled:"):
         from ntkmirror.evaluate import sampled_retain_examples
 
-        n, tokens = (part.split(":")[1:] + ["48"])[:2]
-        return [ex for ex in sampled_retain_examples(model, tok, n=int(n), max_new_tokens=int(tokens))
+        fields = part.split(":")[1:]
+        n, tokens, temperature = fields + ["48", "1"][len(fields) - 1:]  # sampled:N[:T[:temperature]]
+        return [ex for ex in sampled_retain_examples(model, tok, n=int(n), max_new_tokens=int(tokens),
+                                                     temperature=float(temperature))
                 if not probe_hits([ex.prompt + ex.completion])]  # drop any holding a probe
     return load_jsonl_examples(Path(__file__).resolve().parents[1] / part, tok)
 

@@ -307,6 +307,8 @@ def test_config_retain_joins_a_file_and_the_models_own_samples(model, tok, monke
     assert len(bundled) == 32 and rows[:32] == bundled
     samples = rows[32:]
     assert 0 < len(samples) <= 4 and samples == sampled_retain_examples(model, tok, n=4, max_new_tokens=6)
+    hot = quality._retain_source("sampled:4:6:1.5", tok, model)  # a third field: the sampling temperature
+    assert hot == sampled_retain_examples(model, tok, n=4, max_new_tokens=6, temperature=1.5) and hot != samples
     assert quality.config_retain("kl5-c1", ["manifest rows"], tok, model) == ["manifest rows"]
 
 
