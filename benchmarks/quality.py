@@ -356,10 +356,15 @@ def _retain_source(part: str, tok, model) -> list:
 
         fields = part.split(":")[1:]
         n, tokens, temperature = fields + ["48", "1"][len(fields) - 1:]  # sampled:N[:T[:temperature]]
-        return [ex for ex in sampled_retain_examples(model, tok, n=int(n), max_new_tokens=int(tokens),
-                                                     temperature=float(temperature))
-                if not probe_hits([ex.prompt + ex.completion])]  # drop any holding a probe
+        return without_probes(sampled_retain_examples(model, tok, n=int(n), max_new_tokens=int(tokens),
+                                                      temperature=float(temperature)))
     return load_jsonl_examples(Path(__file__).resolve().parents[1] / part, tok)
+
+
+def without_probes(rows: list) -> list:
+    """The rows that hold no probe's prompt or template: text the model wrote may, by chance, and a KL
+    term on it would then train on the probe."""
+    return [ex for ex in rows if not probe_hits([ex.prompt + ex.completion])]
 
 
 def fit_texts(name: str, cfg: FitConfig, retain: list, tok, model) -> tuple[FitConfig, list | None, list | None]:
@@ -370,7 +375,7 @@ def fit_texts(name: str, cfg: FitConfig, retain: list, tok, model) -> tuple[FitC
     wants_kl = cfg.retain_kl > 0 or cfg.pair_kl > 0
     fit_retain = config_retain(name, retain, tok, model) if wants_kl else None
     if wants_kl and fit_retain is None and cfg.retain_samples:
-        fit_retain = [ex for ex in kl_text(model, tok, cfg) if not probe_hits([ex.prompt + ex.completion])]
+        fit_retain = without_probes(kl_text(model, tok, cfg))
         cfg = replace(cfg, retain_samples=0)  # they are in fit_retain now
     contrast = config_retain(name, retain, tok, model, "contrast_set") if "contrast_set" in CONFIGS[name] else fit_retain
     return cfg, fit_retain, contrast
