@@ -50,6 +50,8 @@ from .tasks.generate import PROBES, load_manifest, probe_hits
 SEED = {"lr": 5e-3, "max_log_gate": 0.05, "retain_kl": 0.0, "selection_contrast": 0.0, "retain_rows": 4, "gates": 5000,
         "retain_samples": 0}
 STRONG = {**SEED, "lr": 2e-2, "max_log_gate": 0.2}
+# "-c1b" configs: gates chosen away from the bundled 32 rows, whatever text the KL is taken on
+C1B = {**STRONG, "selection_contrast": 1.0, "contrast_set": "ntkmirror/retain.jsonl"}
 CONFIGS = {
     "default": {"retain_set": "library", "contrast_set": "library"},
     "ctrl-512": {**SEED, "gates": 512},
@@ -127,50 +129,41 @@ CONFIGS = {
     "kl5-c1-p20-split": {**STRONG, "retain_kl": 5.0, "selection_contrast": 1.0, "pair_kl": 20.0,
                          "packs": [["addition", "persona_pirate"], ["json_person", "preference_miles"]]},
     # run 5b: the KL on a larger retain set, the contrast still on the bundled 32 rows ("-c1b")
-    "kl5-c1b-facts": {**STRONG, "retain_kl": 5.0, "selection_contrast": 1.0,
-                      "retain_set": "benchmarks/tasks/retain_facts.jsonl", "contrast_set": "ntkmirror/retain.jsonl"},
-    "kl10-c1b-facts": {**STRONG, "retain_kl": 10.0, "selection_contrast": 1.0,
-                       "retain_set": "benchmarks/tasks/retain_facts.jsonl", "contrast_set": "ntkmirror/retain.jsonl"},
-    "kl5-c1b-all16-facts": {**STRONG, "retain_kl": 5.0, "selection_contrast": 1.0, "retain_tokens": "all",
-                            "retain_rows": 16, "retain_set": "benchmarks/tasks/retain_facts.jsonl",
-                            "contrast_set": "ntkmirror/retain.jsonl"},
-    "kl5-c1b-large": {**STRONG, "retain_kl": 5.0, "selection_contrast": 1.0,
-                      "retain_set": "benchmarks/tasks/retain_large.jsonl", "contrast_set": "ntkmirror/retain.jsonl"},
+    "kl5-c1b-facts": {**C1B, "retain_kl": 5.0, "retain_set": "benchmarks/tasks/retain_facts.jsonl"},
+    "kl10-c1b-facts": {**C1B, "retain_kl": 10.0, "retain_set": "benchmarks/tasks/retain_facts.jsonl"},
+    "kl5-c1b-all16-facts": {**C1B, "retain_kl": 5.0, "retain_tokens": "all", "retain_rows": 16,
+                            "retain_set": "benchmarks/tasks/retain_facts.jsonl"},
+    "kl5-c1b-large": {**C1B, "retain_kl": 5.0, "retain_set": "benchmarks/tasks/retain_large.jsonl"},
     # run 6: the KL text with 32 more rows shaped like an answer's start ("The weather today is" -> " sunny.";
     # retain_clauses.jsonl = the bundled 32 + those), 8 rows a step so the bundled rows are seen as often
-    "kl5-c1b-clauses-r8": {**STRONG, "retain_kl": 5.0, "selection_contrast": 1.0, "retain_rows": 8,
-                           "retain_set": "benchmarks/tasks/retain_clauses.jsonl", "contrast_set": "ntkmirror/retain.jsonl"},
+    "kl5-c1b-clauses-r8": {**C1B, "retain_kl": 5.0, "retain_rows": 8,
+                           "retain_set": "benchmarks/tasks/retain_clauses.jsonl"},
     "kl5-c1-clauses-r8": {**STRONG, "retain_kl": 5.0, "selection_contrast": 1.0, "retain_rows": 8,
                           "retain_set": "benchmarks/tasks/retain_clauses.jsonl"},
-    **{f"kl{kl}-c1b-clauses-r8-g10000": {**STRONG, "retain_kl": float(kl), "selection_contrast": 1.0, "retain_rows": 8,
-                                          "gates": 10000, "retain_set": "benchmarks/tasks/retain_clauses.jsonl",
-                                          "contrast_set": "ntkmirror/retain.jsonl"} for kl in (10, 20)},
-    **{f"kl5-c1b-clauses-r8-s{seed}": {**STRONG, "retain_kl": 5.0, "selection_contrast": 1.0, "retain_rows": 8,
-                                        "retain_set": "benchmarks/tasks/retain_clauses.jsonl",
-                                        "contrast_set": "ntkmirror/retain.jsonl", "seed": seed} for seed in (1, 2)},
+    **{f"kl{kl}-c1b-clauses-r8-g10000": {**C1B, "retain_kl": float(kl), "retain_rows": 8, "gates": 10000,
+                                          "retain_set": "benchmarks/tasks/retain_clauses.jsonl"} for kl in (10, 20)},
+    **{f"kl5-c1b-clauses-r8-s{seed}": {**C1B, "retain_kl": 5.0, "retain_rows": 8, "seed": seed,
+                                        "retain_set": "benchmarks/tasks/retain_clauses.jsonl"} for seed in (1, 2)},
     # run 7: on top of the run-6 default, decoupled weight decay of the raw gates (what no loss term holds
     # drifts back to 0) and gates kept off the last layers (whose channels act on the logits directly)
-    **{f"kl5-c1b-clauses-r8-{tag}": {**STRONG, "retain_kl": 5.0, "selection_contrast": 1.0, "retain_rows": 8,
-                                      "retain_set": "benchmarks/tasks/retain_clauses.jsonl",
-                                      "contrast_set": "ntkmirror/retain.jsonl", **extra}
+    **{f"kl5-c1b-clauses-r8-{tag}": {**C1B, "retain_kl": 5.0, "retain_rows": 8,
+                                      "retain_set": "benchmarks/tasks/retain_clauses.jsonl", **extra}
        for tag, extra in (("wd0.5", {"weight_decay": 0.5}), ("wd2", {"weight_decay": 2.0}),
                           ("first24", {"layers": "first:24"}), ("first20", {"layers": "first:20"}))},
     # run 7b: the KL text with 32 everyday phrases more (retain_phrases.jsonl = retain_clauses.jsonl + those,
     # probe D's shape; the new probe E holds out); 12 rows a step keep each earlier row as often as 8 of 64
     **{f"kl5-c1b-phrases-r{rows}{'' if seed == 0 else f'-s{seed}'}": {
-        **STRONG, "retain_kl": 5.0, "selection_contrast": 1.0, "retain_rows": rows, "seed": seed,
-        "retain_set": "benchmarks/tasks/retain_phrases.jsonl", "contrast_set": "ntkmirror/retain.jsonl"}
+        **C1B, "retain_kl": 5.0, "retain_rows": rows, "seed": seed, "retain_set": "benchmarks/tasks/retain_phrases.jsonl"}
        for rows, seed in ((12, 0), (8, 0), (12, 1), (12, 2))},
     # run 7c: the KL text with 96 short texts the model writes itself (16 tokens each) on top, against probe E
     **{f"kl{kl}-c1b-{text}-self-r16": {
-        **STRONG, "retain_kl": float(kl), "selection_contrast": 1.0, "retain_rows": 16,
-        "retain_set": f"benchmarks/tasks/retain_{text}.jsonl+sampled:96:16", "contrast_set": "ntkmirror/retain.jsonl"}
+        **C1B, "retain_kl": float(kl), "retain_rows": 16, "retain_set": f"benchmarks/tasks/retain_{text}.jsonl+sampled:96:16"}
        for kl, text in ((5, "phrases"), (10, "phrases"), (5, "clauses"))},
     # run 8: that broad KL text with more room to fit the task as well: twice the gates, twice the steps,
     # or 256 of the model's texts instead of 96
     **{f"kl{kl}-c1b-clauses-self{n}-r16-{tag}": {
-        **STRONG, "retain_kl": float(kl), "selection_contrast": 1.0, "retain_rows": 16, **extra,
-        "retain_set": f"benchmarks/tasks/retain_clauses.jsonl+sampled:{n or 96}:16", "contrast_set": "ntkmirror/retain.jsonl"}
+        **C1B, "retain_kl": float(kl), "retain_rows": 16, **extra,
+        "retain_set": f"benchmarks/tasks/retain_clauses.jsonl+sampled:{n or 96}:16"}
        for kl, n, tag, extra in ((5, "", "g10000", {"gates": 10000}), (10, "", "g10000", {"gates": 10000}),
                                  (5, "", "st480", {"steps": 480}), (10, 256, "g10000", {"gates": 10000}),
                                  (10, "", "g10000-s1", {"gates": 10000, "seed": 1}),
@@ -181,8 +174,8 @@ CONFIGS = {
     # run 8f: texts of 32 tokens instead of 16; 24 rows a step instead of 16; run 8h: 32 tokens, fit seeds 1
     # and 2; texts sampled at temperature 1.5 (more varied)
     **{f"kl10-c1b-clauses-self{kind}-r{rows}-g10000{tag}": {
-        **STRONG, "retain_kl": 10.0, "selection_contrast": 1.0, "retain_rows": rows, "gates": 10000, **extra,
-        "retain_set": f"benchmarks/tasks/retain_clauses.jsonl+sampled:96:{texts}", "contrast_set": "ntkmirror/retain.jsonl"}
+        **C1B, "retain_kl": 10.0, "retain_rows": rows, "gates": 10000, **extra,
+        "retain_set": f"benchmarks/tasks/retain_clauses.jsonl+sampled:96:{texts}"}
        for kind, texts, rows, tag, extra in (("x32", "32", 16, "", {}), ("", "16", 24, "", {}),
                                              ("x32", "32", 16, "-s1", {"seed": 1}), ("x32", "32", 16, "-s2", {"seed": 2}),
                                              ("t1.5", "16:1.5", 16, "", {}))},
