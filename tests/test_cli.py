@@ -230,3 +230,17 @@ def test_console_script_exit_code(tmp_path):
     r = subprocess.run([str(script), "inspect", "--controllers", str(tmp_path / "missing.pt")],
                        capture_output=True, text=True)
     assert r.returncode == 3 and "no such controller file" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_fit_option_defaults_are_fitconfigs():
+    """The CLI writes its fit defaults as literals (--help imports no torch): each must be FitConfig's."""
+    import inspect
+
+    from ntkmirror import cli
+
+    cfg = FitConfig()
+    options = {**cli.FIT_OPTIONS, **{name: p.default for name, p in inspect.signature(cli.fit).parameters.items()}}
+    checked = [name for name in options if hasattr(cfg, name) and name != "compile"]
+    assert {"gates", "retain_kl", "retain_samples", "retain_rows", "selection_contrast"} <= set(checked)
+    for name in checked:
+        assert options[name].default == getattr(cfg, name), name
