@@ -60,7 +60,7 @@ def fit(
 ):
     """Fit one controller per manifest row over a replica pool and store them (reruns skip done items)."""
     cfg = fit_config(gates, steps, lr, max_log_gate, layers, score_batches, batch_size, max_length, seed, score,
-                     no_eos, eval_every, patience, retain_kl, retain_samples).check()
+                     no_eos, eval_every, patience, retain_kl, retain_samples)
     if replicas < 1 or pack_size < 1:
         raise ConfigError("--replicas and --pack-size must be at least 1")
     if submit:

@@ -77,7 +77,7 @@ def fit_config(gates, steps, lr, max_log_gate, layers, score_batches, batch_size
                      score_batches=score_batches, batch_size=batch_size, max_length=max_length, seed=seed,
                      score=score, add_eos=not no_eos, eval_every=eval_every, patience=patience,
                      **({} if retain_kl is None else {"retain_kl": retain_kl}),
-                     **({} if retain_samples is None else {"retain_samples": retain_samples}))
+                     **({} if retain_samples is None else {"retain_samples": retain_samples})).check()
 
 
 # Option declarations reused by every command that fits (fit, memory add, jobs fit).
