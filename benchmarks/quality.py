@@ -179,6 +179,14 @@ CONFIGS = {
        for kind, texts, rows, tag, extra in (("x32", "32", 16, "", {}), ("", "16", 24, "", {}),
                                              ("x32", "32", 16, "-s1", {"seed": 1}), ("x32", "32", 16, "-s2", {"seed": 2}),
                                              ("t1.5", "16:1.5", 16, "", {}))},
+    # run 9: the library default with its own texts started elsewhere than the generic openers
+    # (FitConfig.retain_openers): unprompted ("none"), from a random vocabulary word, or the generic
+    # openers' 96 texts and 96 unprompted ones together
+    **{f"default-open-{kind}{'' if seed == 0 else f'-s{seed}'}": {
+        "retain_set": "library", "contrast_set": "library", "retain_openers": kind, "seed": seed,
+        **({"retain_samples": 192} if "+" in kind else {})}
+       for kind in ("none", "vocab", "generic+none", "generic+vocab") for seed in (0, 1, 2)},
+    **{f"default-s{seed}": {"retain_set": "library", "contrast_set": "library", "seed": seed} for seed in (1, 2)},
     "kl5-s1": {**STRONG, "retain_kl": 5.0, "seed": 1},
     "kl5-s2": {**STRONG, "retain_kl": 5.0, "seed": 2},
 }

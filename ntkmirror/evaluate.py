@@ -6,6 +6,7 @@ batch, and may carry a different gate row per prompt.
 
 from __future__ import annotations
 
+import random
 import re
 from dataclasses import dataclass
 from typing import Sequence
@@ -13,6 +14,7 @@ from typing import Sequence
 import torch
 
 from .controller import Controller
+from .errors import ConfigError
 from .data import Example, collate, encode_all, encode_prompt, pad_id
 from .gates import RowGates, attach, controller_gates
 from .objective import supervised_logits, token_losses
@@ -180,16 +182,57 @@ RETAIN_OPENERS = ("The", "Once", "In the morning,", "My favourite", "Scientists"
                   "Welcome to", "Chapter 1")
 
 
+OPENER_KINDS = ("generic", "none", "vocab")
+
+
+def opener_kinds(kinds: str) -> list[str]:
+    """The "+"-joined opener kinds, each checked."""
+    parts = kinds.split("+")
+    if any(k not in OPENER_KINDS for k in parts):
+        raise ConfigError(f"retain_openers must be {', '.join(OPENER_KINDS)} or several joined by '+', got {kinds!r}")
+    return parts
+
+
+def retain_openers(tokenizer, kinds: str, n: int, seed: int = 0) -> list[str]:
+    """n starts for the model's own texts, split evenly across the "+"-joined `kinds`: "generic"
+    (RETAIN_OPENERS in turn), "none" (no start: the model's unprompted text, from its BOS token) or
+    "vocab" (a whole word drawn from the tokenizer's vocabulary, seeded: the model picks the genre)."""
+    parts = opener_kinds(kinds)
+    rng = random.Random(seed)
+    out = []
+    for j, kind in enumerate(parts):
+        m = n // len(parts) + (j < n % len(parts))
+        if kind == "generic":
+            out += [RETAIN_OPENERS[i % len(RETAIN_OPENERS)] for i in range(m)]
+        elif kind == "none":
+            out += [""] * m
+        else:
+            words = vocab_words(tokenizer)
+            out += [rng.choice(words) for _ in range(m)]
+    return out
+
+
+def vocab_words(tokenizer) -> list[str]:
+    """The vocabulary's tokens that are a whole word on their own: a space, then three or more letters
+    of any script."""
+    pieces = tokenizer.batch_decode([[i] for i in range(len(tokenizer))])
+    words = sorted({t[1:] for t in pieces if t[:1] == " " and len(t) > 3 and t[1:].isalpha()})
+    if not words:
+        raise ConfigError("retain openers 'vocab': the tokenizer has no word tokens (a space, then letters)")
+    return words
+
+
 def sampled_retain_examples(model, tokenizer, n: int = 128, max_new_tokens: int = 48, temperature: float = 1.0,
-                            seed: int = 0, batch_size: int = 32) -> list[Example]:
-    """Text the model itself writes from generic openers (sampled, seeded): a retain set that covers
-    the model's own typical output, so the KL holds a controller to the base model wherever the base
-    model is at home (cf. the random prefixes model-editing methods use for the same purpose).
-    FitConfig.retain_samples adds these to every fit's KL text (fit.kl_text)."""
-    prompts = [RETAIN_OPENERS[i % len(RETAIN_OPENERS)] for i in range(n)]
+                            seed: int = 0, batch_size: int = 32, openers: str = "generic") -> list[Example]:
+    """Text the model itself writes from the given starts (`retain_openers`; sampled, seeded): a
+    retain set that covers the model's own typical output, so the KL holds a controller to the base
+    model wherever the base model is at home (cf. the random prefixes model-editing methods use for
+    the same purpose). FitConfig.retain_samples adds these to every fit's KL text (fit.kl_text)."""
+    prompts = retain_openers(tokenizer, openers, n, seed)
     device = _device(model)
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):  # the caller's RNG untouched
         rows = generate_rows(model, tokenizer, prompts, None, max_new_tokens=max_new_tokens, batch_size=batch_size,
                              temperature=temperature, seed=seed)
-    return [Example(p, g.text if g.text.startswith(" ") else " " + g.text.strip(), f"sampled:{i}")
+    # after a start, the text continues it from a new word; unprompted text is kept as written
+    return [Example(p, g.text if not p or g.text.startswith(" ") else " " + g.text.strip(), f"sampled:{i}")
             for i, (p, g) in enumerate(zip(prompts, rows)) if g.text.strip()]

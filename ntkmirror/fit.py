@@ -20,7 +20,7 @@ from .controller import MAX_LOG_GATE_LIMIT, Controller, new_meta
 from .data import (Batch, Example, collate, data_hash, default_contrast_examples, default_retain_examples, encode_all,
                    pad_id)
 from .errors import ConfigError, DataError
-from .evaluate import sampled_retain_examples
+from .evaluate import opener_kinds, sampled_retain_examples
 from .gates import RowGates, attach, parse_layers
 from .models import compiled_layers, find_decoder_layers, hidden_size
 from .objective import compiled_head_loss, group_means, supervised_logits, token_losses
@@ -50,6 +50,7 @@ class FitConfig:
     retain_rows: int = 16  # rows of the KL text per step, seen by every controller
     retain_samples: int = 96  # short texts the model writes itself (seeded), added to the KL text
     retain_sample_tokens: int = 16  # tokens in each of those texts
+    retain_openers: str = "generic"  # where those texts start (evaluate.retain_openers): generic, none, vocab
     retain_tokens: str = "completion"  # where the KL is taken: "completion" tokens or "all" tokens of a row
     pair_kl: float = 0.0  # weight of the same KL under each controller composed with another of its pack
     compile: bool = False  # compile the fit step (compiled_fit): for long GPU fits of larger models / packs
@@ -67,6 +68,7 @@ class FitConfig:
         for name in ("retain_kl", "selection_contrast", "pair_kl", "weight_decay"):
             if not (math.isfinite(getattr(self, name)) and getattr(self, name) >= 0):
                 raise ConfigError(f"{name} must be a non-negative number, got {getattr(self, name)!r}")
+        opener_kinds(self.retain_openers)
         if self.retain_tokens not in ("completion", "all"):
             raise ConfigError(f"retain_tokens must be completion or all, got {self.retain_tokens!r}")
         if self.score not in ("abs", "coherent", "random"):
@@ -207,7 +209,7 @@ def kl_text(model, tokenizer, config: FitConfig, retain: Sequence[Example] | Non
     rows = list(default_retain_examples() if retain is None else retain)
     if config.retain_samples:
         rows += sampled_retain_examples(model, tokenizer, config.retain_samples, config.retain_sample_tokens,
-                                        seed=config.seed)
+                                        seed=config.seed, openers=config.retain_openers)
     return rows
 
 

@@ -311,15 +311,37 @@ FOREIGN_WORDS = [("In French, thank you is", " merci."), ("In French, yes is", "
                  ("In Spanish, yes is", " sí."), ("In French, bread is du", " pain.")]
 
 
+# A seventh probe, fixed before any result on it was seen (run 9): abbreviations, symbols and letters,
+# a genre no retain text, task, probe or RETAIN_OPENERS holds; the held-out check for KL texts the
+# model writes from other starts than the generic openers (run 9 tries those).
+ABBREVIATIONS = [("The abbreviation for kilogram is", " kg."), ("The abbreviation for centimetre is", " cm."),
+                 ("The abbreviation for kilometre is", " km."), ("The abbreviation for doctor is", " Dr."),
+                 ("The abbreviation for Mister is", " Mr."), ("The abbreviation for street is", " St."),
+                 ("The abbreviation for Monday is", " Mon."), ("The abbreviation for Saturday is", " Sat."),
+                 ("The abbreviation for February is", " Feb."), ("The abbreviation for December is", " Dec."),
+                 ("The chemical formula for water is", " H2O."), ("The chemical formula for table salt is", " NaCl."),
+                 ("The Roman numeral for five is", " V."), ("The Roman numeral for ten is", " X."),
+                 ("The Roman numeral for fifty is", " L."), ("The Roman numeral for one hundred is", " C."),
+                 ("USA stands for the United States of", " America."), ("UK stands for the United", " Kingdom."),
+                 ("FAQ stands for frequently asked", " questions."), ("ASAP stands for as soon as", " possible."),
+                 ("DIY stands for do it", " yourself."), ("CEO stands for chief executive", " officer."),
+                 ("PIN stands for personal identification", " number."), ("ATM stands for automated teller", " machine."),
+                 ("The symbol for percent is", " %."), ("The symbol for the euro is", " €."),
+                 ("The first letter of the alphabet is", " A."), ("The last letter of the alphabet is", " Z."),
+                 ("The letter after A is", " B."), ("The letter before Z is", " Y."),
+                 ("The vowels are A, E, I, O and", " U."), ("The word dog has three", " letters.")]
+
+
 def probe_rows() -> dict[str, list[dict]]:
-    """Every interference probe's rows, by its name in the manifest (A, then B to F)."""
+    """Every interference probe's rows, by its name in the manifest (A, then B to G)."""
     pairs = {"unrelated": [(f"The capital of {c} is", f" {cap}.") for c, cap in CAPITALS] +
                           [(f"The opposite of {w} is", f" {a}.") for w, a in ANTONYMS],
              "unrelated_b": SEQUENCES + IDIOMS,
              "unrelated_c": WORD_FORMS + CODE_LINES,
              "unrelated_d": COLLOCATIONS,
              "unrelated_e": NAMES,
-             "unrelated_f": FOREIGN_WORDS}
+             "unrelated_f": FOREIGN_WORDS,
+             "unrelated_g": ABBREVIATIONS}
     return {name: [{"prompt": p, "completion": c} for p, c in rows] for name, rows in pairs.items()}
 
 
