@@ -187,6 +187,10 @@ CONFIGS = {
         **({"retain_samples": 192} if "+" in kind else {})}
        for kind in ("none", "vocab", "generic+none", "generic+vocab") for seed in (0, 1, 2)},
     **{f"default-s{seed}": {"retain_set": "library", "contrast_set": "library", "seed": seed} for seed in (1, 2)},
+    # run 9b-9d: as many texts, or twice or four times as many, from the generic openers alone
+    **{f"default-n{n}{'' if seed == 0 else f'-s{seed}'}": {
+        "retain_set": "library", "contrast_set": "library", "retain_samples": n, "seed": seed}
+       for n in (192, 384, 768) for seed in (0, 1, 2)},
     "kl5-s1": {**STRONG, "retain_kl": 5.0, "seed": 1},
     "kl5-s2": {**STRONG, "retain_kl": 5.0, "seed": 2},
 }
