@@ -295,6 +295,39 @@ def test_sampled_retain_examples_are_seeded_model_text(model, tok):
     assert ctrl.meta["fit"]["retain_examples"] == len(a)
 
 
+def test_retain_openers_choose_where_the_models_own_texts_start(model, tok):
+    """FitConfig.retain_openers: the generic openers, no start at all (the model's unprompted text), a
+    seeded random word of the vocabulary, or several kinds sharing the texts; bad kinds are refused."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from ntkmirror.errors import ConfigError
+    from ntkmirror.evaluate import RETAIN_OPENERS, retain_openers, sampled_retain_examples, vocab_words
+    from ntkmirror.fit import kl_text
+
+    assert retain_openers(tok, "generic", 3) == list(RETAIN_OPENERS[:3])
+    assert retain_openers(tok, "generic+none", 5) == list(RETAIN_OPENERS[:3]) + ["", ""]
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer, bpe.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+    bpe.train_from_iterator(["the garden cat sat on the warm mat with a sleepy dog"] * 20,
+                            trainers.BpeTrainer(vocab_size=320, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    words_tok = PreTrainedTokenizerFast(tokenizer_object=bpe)
+    words = vocab_words(words_tok)
+    assert {"garden", "sleepy", "cat"} <= set(words) and all(w.isalpha() and len(w) >= 3 for w in words)
+    drawn = retain_openers(words_tok, "vocab", 8, seed=1)
+    assert drawn == retain_openers(words_tok, "vocab", 8, seed=1) and set(drawn) <= set(words)
+    assert drawn != retain_openers(words_tok, "vocab", 8, seed=2)
+    with pytest.raises(ConfigError, match="no word tokens"):
+        retain_openers(tok, "vocab", 2)  # the tiny tokenizer holds digits and symbols only
+    for bad in ("random", "generic+", ""):
+        with pytest.raises(ConfigError, match="retain_openers"):
+            FitConfig(retain_openers=bad).check()
+    unprompted = sampled_retain_examples(model, tok, n=4, max_new_tokens=6, seed=0, openers="none")
+    assert unprompted and all(ex.prompt == "" and ex.completion.strip() for ex in unprompted)
+    cfg = FitConfig(retain_samples=4, retain_sample_tokens=6, retain_openers="none")
+    assert kl_text(model, tok, cfg)[len(kl_text(model, tok, replace(cfg, retain_samples=0))):] == unprompted
+
+
 def test_config_retain_joins_a_file_and_the_models_own_samples(model, tok, monkeypatch):
     """retain_set "file+sampled:N:T": the file's rows, then N samples of at most T tokens."""
     from ntkmirror.evaluate import sampled_retain_examples
