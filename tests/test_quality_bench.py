@@ -414,3 +414,33 @@ def test_every_gpu_mode_names_known_arms():
             names = [] if m is None else [n for n in m.group(1).split(",") if n not in ("none", "auto")]
             unknown = [n for n in names if n not in CONFIGS and n not in PEFT]
             assert not unknown, (mode, flag, unknown)
+
+
+def test_probe_shift_splits_a_probes_change_by_place_in_the_answer(model, tok, tmp_path):
+    """benchmarks.probe_shift: every answer token in exactly one place (first / later / punct), the
+    whole change equal to the benchmark's teacher-forced one, and the CLI's table and JSON over every
+    probe, controller and composed pair."""
+    from benchmarks import probe_shift
+    from ntkmirror.evaluate import teacher_forced
+
+    rows = [Example("The capital of France is", " Paris."), Example("One, two,", " three"),
+            Example("In French, thank you is", " merci.")]
+    cfg = FitConfig(gates=24, steps=3, batch_size=4, score_batches=1, retain_samples=0, lr=0.5)
+    ctrl = fit_controllers(model, tok, [[Example(**r) for r in arithmetic_rows(8)]], cfg, progress=False)[0]
+    base, gated = probe_shift.token_scores(model, tok, rows), probe_shift.token_scores(model, tok, rows, ctrl)
+    res = probe_shift.shift(base, gated, tok)
+    tf_base = teacher_forced(model, tok, rows, add_eos=False)
+    tf_gated = teacher_forced(model, tok, rows, ctrl, add_eos=False)
+    assert res["all_rel"] == pytest.approx((tf_gated["nll"] - tf_base["nll"]) / tf_base["nll"], rel=1e-4, abs=1e-7)
+    assert res["all_rel"] != 0  # the controller moves the probe at all
+    assert res["first"]["tokens"] == len(rows)
+    assert sum(res[p]["tokens"] for p in ("first", "later", "punct") if p in res) == tf_base["tokens"]
+    assert [b["place"] for b in base if b["row"] == 1][-1] != "punct"  # "three" ends on a word, not a stop
+    assert len(res["raised_at_start"]) > 0
+
+    generate(tmp_path / "tasks", seed=0, n_train=8, n_eval=2)
+    out = tmp_path / "ps"
+    assert probe_shift.main(["--tiny", "--tasks", str(tmp_path / "tasks"), "--out", str(out), "--steps", "1"]) == 0
+    saved = json.loads((out / "probe_shift.json").read_text())
+    assert len(saved["probes"]) == 7 and all(len(per) == 4 + 6 for per in saved["probes"].values())
+    assert sorted(p.name for p in out.glob("*.safetensors")) == sorted(f"{t}.safetensors" for t in MAIN_TASKS)
