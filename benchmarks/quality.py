@@ -181,11 +181,11 @@ CONFIGS = {
                                              ("t1.5", "16:1.5", 16, "", {}))},
     # run 9: the library default with its own texts started elsewhere than the generic openers
     # (FitConfig.retain_openers): unprompted ("none"), from a random vocabulary word, or the generic
-    # openers' 96 texts and 96 unprompted ones together
+    # openers' 96 texts and 96 unprompted ones together; run 10: 96 more that start in other languages
     **{f"default-open-{kind}{'' if seed == 0 else f'-s{seed}'}": {
         "retain_set": "library", "contrast_set": "library", "retain_openers": kind, "seed": seed,
         **({"retain_samples": 192} if "+" in kind else {})}
-       for kind in ("none", "vocab", "generic+none", "generic+vocab") for seed in (0, 1, 2)},
+       for kind in ("none", "vocab", "generic+none", "generic+vocab", "generic+languages") for seed in (0, 1, 2)},
     **{f"default-s{seed}": {"retain_set": "library", "contrast_set": "library", "seed": seed} for seed in (1, 2)},
     # run 9b-9d: as many texts, or twice or four times as many, from the generic openers alone
     **{f"default-n{n}{'' if seed == 0 else f'-s{seed}'}": {

@@ -182,7 +182,11 @@ RETAIN_OPENERS = ("The", "Once", "In the morning,", "My favourite", "Scientists"
                   "Welcome to", "Chapter 1")
 
 
-OPENER_KINDS = ("generic", "none", "vocab")
+# starts in six other languages than English (run 10 measures them against probe F, which they do not hold out)
+LANGUAGE_OPENERS = ("Bonjour, je", "Le matin,", "Il était une fois", "Hola, me llamo", "En la ciudad", "Había una vez",
+                    "Guten Tag, ich", "Im Sommer", "Es war einmal", "Ciao, sono", "Oggi", "C'era una volta", "Olá, eu",
+                    "Hoje", "Hallo, ik", "Vandaag")
+OPENER_KINDS = ("generic", "none", "vocab", "languages")
 
 
 def opener_kinds(kinds: str) -> list[str]:
@@ -195,15 +199,17 @@ def opener_kinds(kinds: str) -> list[str]:
 
 def retain_openers(tokenizer, kinds: str, n: int, seed: int = 0) -> list[str]:
     """n starts for the model's own texts, split evenly across the "+"-joined `kinds`: "generic"
-    (RETAIN_OPENERS in turn), "none" (no start: the model's unprompted text, from its BOS token) or
-    "vocab" (a whole word drawn from the tokenizer's vocabulary, seeded: the model picks the genre)."""
+    (RETAIN_OPENERS in turn), "none" (no start: the model's unprompted text, from its BOS token),
+    "vocab" (a whole word drawn from the tokenizer's vocabulary, seeded: the model picks the genre) or
+    "languages" (LANGUAGE_OPENERS in turn)."""
     parts = opener_kinds(kinds)
     rng = random.Random(seed)
     out = []
     for j, kind in enumerate(parts):
         m = n // len(parts) + (j < n % len(parts))
-        if kind == "generic":
-            out += [RETAIN_OPENERS[i % len(RETAIN_OPENERS)] for i in range(m)]
+        if kind in ("generic", "languages"):
+            fixed = RETAIN_OPENERS if kind == "generic" else LANGUAGE_OPENERS
+            out += [fixed[i % len(fixed)] for i in range(m)]
         elif kind == "none":
             out += [""] * m
         else:
@@ -215,8 +221,8 @@ def retain_openers(tokenizer, kinds: str, n: int, seed: int = 0) -> list[str]:
 def vocab_words(tokenizer) -> list[str]:
     """The vocabulary's tokens that are a whole word on their own: a space, then three or more letters
     of any script."""
-    pieces = tokenizer.batch_decode([[i] for i in range(len(tokenizer))])
-    words = sorted({t[1:] for t in pieces if t[:1] == " " and len(t) > 3 and t[1:].isalpha()})
+    decoded = tokenizer.batch_decode([[i] for i in range(len(tokenizer))])
+    words = sorted({t[1:] for t in decoded if t[:1] == " " and len(t) > 3 and t[1:].isalpha()})
     if not words:
         raise ConfigError("retain openers 'vocab': the tokenizer has no word tokens (a space, then letters)")
     return words

@@ -302,11 +302,13 @@ def test_retain_openers_choose_where_the_models_own_texts_start(model, tok):
     from transformers import PreTrainedTokenizerFast
 
     from ntkmirror.errors import ConfigError
-    from ntkmirror.evaluate import RETAIN_OPENERS, retain_openers, sampled_retain_examples, vocab_words
+    from ntkmirror.evaluate import (LANGUAGE_OPENERS, RETAIN_OPENERS, retain_openers, sampled_retain_examples,
+                                    vocab_words)
     from ntkmirror.fit import kl_text
 
     assert retain_openers(tok, "generic", 3) == list(RETAIN_OPENERS[:3])
     assert retain_openers(tok, "generic+none", 5) == list(RETAIN_OPENERS[:3]) + ["", ""]
+    assert retain_openers(tok, "languages", 2) == list(LANGUAGE_OPENERS[:2])
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer, bpe.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
     bpe.train_from_iterator(["the garden cat sat on the warm mat with a sleepy dog"] * 20,
@@ -421,6 +423,7 @@ def test_probe_shift_splits_a_probes_change_by_place_in_the_answer(model, tok, t
     whole change equal to the benchmark's teacher-forced one, and the CLI's table and JSON over every
     probe, controller and composed pair."""
     from benchmarks import probe_shift
+    from benchmarks.tasks.generate import PROBES
     from ntkmirror.evaluate import teacher_forced
 
     rows = [Example("The capital of France is", " Paris."), Example("One, two,", " three"),
@@ -442,5 +445,5 @@ def test_probe_shift_splits_a_probes_change_by_place_in_the_answer(model, tok, t
     out = tmp_path / "ps"
     assert probe_shift.main(["--tiny", "--tasks", str(tmp_path / "tasks"), "--out", str(out), "--steps", "1"]) == 0
     saved = json.loads((out / "probe_shift.json").read_text())
-    assert len(saved["probes"]) == 7 and all(len(per) == 4 + 6 for per in saved["probes"].values())
+    assert len(saved["probes"]) == len(PROBES) and all(len(per) == 4 + 6 for per in saved["probes"].values())
     assert sorted(p.name for p in out.glob("*.safetensors")) == sorted(f"{t}.safetensors" for t in MAIN_TASKS)

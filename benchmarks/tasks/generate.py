@@ -332,8 +332,35 @@ ABBREVIATIONS = [("The abbreviation for kilogram is", " kg."), ("The abbreviatio
                  ("The vowels are A, E, I, O and", " U."), ("The word dog has three", " letters.")]
 
 
+# An eighth probe, fixed before any result on it was seen (run 10): English words the tokenizer splits
+# into several pieces, the shape in which run 9 found probe F's leak (its later pieces), in a language
+# every KL text holds; the held-out check for KL texts that start in other languages or mid-word.
+LONG_WORDS = [("The large grey animal that wallows in African rivers is the", " hippopotamus."),
+              ("A scientist who studies birds is an", " ornithologist."), ("The fear of spiders is called", " arachnophobia."),
+              ("A tube of mirrors that makes colourful patterns is a", " kaleidoscope."),
+              ("The jazz instrument made of brass with keys is the", " saxophone."),
+              ("The doctor listens to your heart with a", " stethoscope."),
+              ("An instrument of wooden bars hit with mallets is the", " xylophone."),
+              ("The flying reptile of the dinosaur age was the", " pterodactyl."),
+              ("The animal with a horn on its nose is the", " rhinoceros."), ("The lizard that changes colour is the", " chameleon."),
+              ("Ancient Egyptians wrote in", " hieroglyphics."), ("Children bounce up and down on a", " trampoline."),
+              ("The curved stick that comes back when thrown is a", " boomerang."),
+              ("Italian pasta in long thin strands is", " spaghetti."), ("A dentist who straightens teeth is an", " orthodontist."),
+              ("A scientist who studies fossils is a", " paleontologist."), ("A person who makes maps is a", " cartographer."),
+              ("A scientist who studies the weather is a", " meteorologist."),
+              ("A scientist who studies insects is an", " entomologist."),
+              ("Sailors in a submarine look up through a", " periscope."), ("The moving staircase in a shop is an", " escalator."),
+              ("You can relax outdoors in a swinging", " hammock."), ("The Inuit built a snow house called an", " igloo."),
+              ("The Australian mammal with a duck's bill is the", " platypus."),
+              ("The pink bird that stands on one leg is the", " flamingo."),
+              ("The animal covered in sharp quills is the", " porcupine."),
+              ("The animal with a shell of armour plates is the", " armadillo."), ("A large hairy spider is a", " tarantula."),
+              ("A flaky pastry shaped like a crescent is a", " croissant."), ("A twisted salty bread snack is a", " pretzel."),
+              ("A small four-string guitar from Hawaii is the", " ukulele."), ("Scottish pipers play the", " bagpipes.")]
+
+
 def probe_rows() -> dict[str, list[dict]]:
-    """Every interference probe's rows, by its name in the manifest (A, then B to G)."""
+    """Every interference probe's rows, by its name in the manifest (A, then B to H)."""
     pairs = {"unrelated": [(f"The capital of {c} is", f" {cap}.") for c, cap in CAPITALS] +
                           [(f"The opposite of {w} is", f" {a}.") for w, a in ANTONYMS],
              "unrelated_b": SEQUENCES + IDIOMS,
@@ -341,7 +368,8 @@ def probe_rows() -> dict[str, list[dict]]:
              "unrelated_d": COLLOCATIONS,
              "unrelated_e": NAMES,
              "unrelated_f": FOREIGN_WORDS,
-             "unrelated_g": ABBREVIATIONS}
+             "unrelated_g": ABBREVIATIONS,
+             "unrelated_h": LONG_WORDS}
     return {name: [{"prompt": p, "completion": c} for p, c in rows] for name, rows in pairs.items()}
 
 
