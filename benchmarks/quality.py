@@ -181,7 +181,7 @@ CONFIGS = {
                                              ("t1.5", "16:1.5", 16, "", {}))},
     # run 9: the library default with its own texts started elsewhere than the generic openers
     # (FitConfig.retain_openers): unprompted ("none"), from a random vocabulary word, or the generic
-    # openers' 96 texts and 96 unprompted ones together; run 10: 96 more that start in other languages
+    # openers' 96 texts and 96 unprompted ones together; run 9f: 96 more that start in other languages
     **{f"default-open-{kind}{'' if seed == 0 else f'-s{seed}'}": {
         "retain_set": "library", "contrast_set": "library", "retain_openers": kind, "seed": seed,
         **({"retain_samples": 192} if "+" in kind else {})}

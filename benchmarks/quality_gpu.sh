@@ -72,7 +72,7 @@ case $what in
                      --memory-configs none --rules sum) ;;  # run 9d
   interfere32) args=(--arms default-s1,default-s2 --memory-configs none --rules sum) ;;  # run 9e: probe G, seeds 1-2
   interfere33) args=(--arms default,default-n192,default-open-generic+languages,default-open-generic+languages-s1
-                     --memory-configs none --rules sum) ;;  # run 10a: with probe H
+                     --memory-configs none --rules sum) ;;  # run 9f: with probe H
   memory8) args=(--arms default --memory-configs default --rules sum) ;;  # run 8d: the adopted default, memory benchmark
   tasks1b) args=(--arms default,kl5-c1b-clauses-r8 --memory-configs none --rules sum) ;;  # run 8e, with TASK_SEED=1
   tasks1) args=(--arms kl5-c1,kl5-c1b-clauses-r8 --memory-configs none --rules sum) ;;  # with TASK_SEED=1

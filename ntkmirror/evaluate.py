@@ -14,8 +14,8 @@ from typing import Sequence
 import torch
 
 from .controller import Controller
-from .errors import ConfigError
 from .data import Example, collate, encode_all, encode_prompt, pad_id
+from .errors import ConfigError
 from .gates import RowGates, attach, controller_gates
 from .objective import supervised_logits, token_losses
 
@@ -182,7 +182,7 @@ RETAIN_OPENERS = ("The", "Once", "In the morning,", "My favourite", "Scientists"
                   "Welcome to", "Chapter 1")
 
 
-# starts in six other languages than English (run 10 measures them against probe F, which they do not hold out)
+# starts in six languages other than English (run 9f measures them against probe F, which they do not hold out)
 LANGUAGE_OPENERS = ("Bonjour, je", "Le matin,", "Il était une fois", "Hola, me llamo", "En la ciudad", "Había una vez",
                     "Guten Tag, ich", "Im Sommer", "Es war einmal", "Ciao, sono", "Oggi", "C'era una volta", "Olá, eu",
                     "Hoje", "Hallo, ik", "Vandaag")

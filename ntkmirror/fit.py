@@ -50,7 +50,7 @@ class FitConfig:
     retain_rows: int = 16  # rows of the KL text per step, seen by every controller
     retain_samples: int = 96  # short texts the model writes itself (seeded), added to the KL text
     retain_sample_tokens: int = 16  # tokens in each of those texts
-    retain_openers: str = "generic"  # where those texts start (evaluate.retain_openers): generic, none, vocab
+    retain_openers: str = "generic"  # where those texts start (evaluate.retain_openers): generic, none, vocab, languages
     retain_tokens: str = "completion"  # where the KL is taken: "completion" tokens or "all" tokens of a row
     pair_kl: float = 0.0  # weight of the same KL under each controller composed with another of its pack
     compile: bool = False  # compile the fit step (compiled_fit): for long GPU fits of larger models / packs

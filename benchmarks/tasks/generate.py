@@ -332,7 +332,7 @@ ABBREVIATIONS = [("The abbreviation for kilogram is", " kg."), ("The abbreviatio
                  ("The vowels are A, E, I, O and", " U."), ("The word dog has three", " letters.")]
 
 
-# An eighth probe, fixed before any result on it was seen (run 10): English words the tokenizer splits
+# An eighth probe, fixed before any result on it was seen (run 9f): English words the tokenizer splits
 # into several pieces, the shape in which run 9 found probe F's leak (its later pieces), in a language
 # every KL text holds; the held-out check for KL texts that start in other languages or mid-word.
 LONG_WORDS = [("The large grey animal that wallows in African rivers is the", " hippopotamus."),
