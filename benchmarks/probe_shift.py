@@ -24,6 +24,7 @@ import torch
 
 from ntkmirror.compose import compose
 from ntkmirror.data import collate, encode_all, load_jsonl_examples, pad_id
+from ntkmirror.evaluate import row_shifts
 from ntkmirror.fit import fit_controllers
 from ntkmirror.gates import attach, controller_gates
 from ntkmirror.objective import supervised_logits
@@ -35,7 +36,7 @@ from .tasks.generate import load_manifest
 @torch.no_grad()
 def token_scores(model, tok, examples, controller=None, batch_size: int = 32) -> list[dict]:
     """Per answer token (no EOS appended): its row, its place in the answer, its log-prob and the
-    log-prob of EOS there; and per row the log-probs of every token where the answer begins."""
+    log-prob of EOS there."""
     device = next(model.parameters()).device
     gates = controller_gates(controller, device) if controller is not None else None
     enc = encode_all(tok, examples, 1024, add_eos=False)
@@ -51,14 +52,14 @@ def token_scores(model, tok, examples, controller=None, batch_size: int = 32) ->
                 piece = tok.decode([int(targets[i])])
                 place = "first" if j == 0 else ("punct" if j == len(mine) - 1 and not piece.strip().isalnum()
                                                 else "later")
-                out.append({"row": lo + r, "place": place, "lp": float(lp[i, targets[i]]),
-                            "lp_eos": float(lp[i, eos]), "start": lp[i].cpu() if j == 0 else None})
+                out.append({"row": lo + r, "place": place, "lp": float(lp[i, targets[i]]), "lp_eos": float(lp[i, eos])})
     return out
 
 
-def shift(base: list[dict], gated: list[dict], tok, top: int = 5) -> dict:
+def shift(base: list[dict], gated: list[dict], starts: list[dict]) -> dict:
     """The NLL change per place in the answer (mean over tokens, nats and % of the base NLL there),
-    the mean change in log P(EOS), and the tokens raised most where answers begin (counted over rows)."""
+    the mean change in log P(EOS), and the tokens raised most where answers begin, counted over the
+    rows of `starts` (ntkmirror.evaluate.row_shifts)."""
     res = {}
     for place in ("first", "later", "punct"):
         pairs = [(b, g) for b, g in zip(base, gated) if b["place"] == place]
@@ -68,11 +69,7 @@ def shift(base: list[dict], gated: list[dict], tok, top: int = 5) -> dict:
             res[place] = {"tokens": len(pairs), "nll_base": nll_b, "delta": d, "rel": d / nll_b if nll_b else None}
     res["eos_logprob_delta"] = mean(g["lp_eos"] - b["lp_eos"] for b, g in zip(base, gated))
     res["all_rel"] = sum(b["lp"] - g["lp"] for b, g in zip(base, gated)) / -sum(b["lp"] for b in base)
-    raised = Counter()
-    for b, g in zip(base, gated):
-        if b["start"] is not None:
-            raised.update(tok.decode([t]) for t in (g["start"].exp() - b["start"].exp()).topk(top).indices.tolist())
-    res["raised_at_start"] = raised.most_common(8)
+    res["raised_at_start"] = Counter(t["token"] for row in starts for t in row["raised"]).most_common(8)
     return res
 
 
@@ -113,7 +110,8 @@ def main(argv=None) -> int:
     print("|---|---|---|---|---|---|---|---|")
     for name, rows in probe_examples(manifest, tok).items():
         base = token_scores(model, tok, rows)
-        per = {cond: shift(base, token_scores(model, tok, rows, c), tok) for cond, c in conditions.items()}
+        per = {cond: shift(base, token_scores(model, tok, rows, c), row_shifts(model, tok, rows, c, add_eos=False))
+               for cond, c in conditions.items()}
         results["probes"][name] = per
         for group, conds in (("single", list(ctrls)), ("pair", [c for c in conditions if "+" in c])):
             cells = []

@@ -204,8 +204,9 @@ def compiled_fit(model, **compile_kw):
 def kl_text(model, tokenizer, config: FitConfig, retain: Sequence[Example] | None = None) -> list[Example]:
     """The text the KL term keeps each controller close to the base model on: `retain` (default: the
     bundled generic rows, data.default_retain_examples) plus config.retain_samples short texts the
-    model writes itself from generic openers (seeded by config.seed). Those reach genres no bundled
-    row holds: names, other languages (docs/results.md, run 8)."""
+    model writes itself from the starts config.retain_openers names (the generic openers by default;
+    seeded by config.seed). Those reach genres no bundled row holds: names, other languages
+    (docs/results.md, runs 8 and 9)."""
     rows = list(default_retain_examples() if retain is None else retain)
     if config.retain_samples:
         rows += sampled_retain_examples(model, tokenizer, config.retain_samples, config.retain_sample_tokens,

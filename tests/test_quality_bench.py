@@ -424,14 +424,14 @@ def test_probe_shift_splits_a_probes_change_by_place_in_the_answer(model, tok, t
     probe, controller and composed pair."""
     from benchmarks import probe_shift
     from benchmarks.tasks.generate import PROBES
-    from ntkmirror.evaluate import teacher_forced
+    from ntkmirror.evaluate import row_shifts, teacher_forced
 
     rows = [Example("The capital of France is", " Paris."), Example("One, two,", " three"),
             Example("In French, thank you is", " merci.")]
     cfg = FitConfig(gates=24, steps=3, batch_size=4, score_batches=1, retain_samples=0, lr=0.5)
     ctrl = fit_controllers(model, tok, [[Example(**r) for r in arithmetic_rows(8)]], cfg, progress=False)[0]
     base, gated = probe_shift.token_scores(model, tok, rows), probe_shift.token_scores(model, tok, rows, ctrl)
-    res = probe_shift.shift(base, gated, tok)
+    res = probe_shift.shift(base, gated, row_shifts(model, tok, rows, ctrl, add_eos=False))
     tf_base = teacher_forced(model, tok, rows, add_eos=False)
     tf_gated = teacher_forced(model, tok, rows, ctrl, add_eos=False)
     assert res["all_rel"] == pytest.approx((tf_gated["nll"] - tf_base["nll"]) / tf_base["nll"], rel=1e-4, abs=1e-7)
