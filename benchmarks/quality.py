@@ -191,6 +191,14 @@ CONFIGS = {
     **{f"default-n{n}{'' if seed == 0 else f'-s{seed}'}": {
         "retain_set": "library", "contrast_set": "library", "retain_samples": n, "seed": seed}
        for n in (192, 384, 768) for seed in (0, 1, 2)},
+    # run 10b-c: the library default with gates chosen with less, no or more steering away from generic channels
+    **{f"default-c{w:g}{'' if seed == 0 else f'-s{seed}'}": {
+        "retain_set": "library", "contrast_set": "library", "selection_contrast": w, "seed": seed}
+       for w in (0.0, 0.5, 2.0, 3.0) for seed in (0, 1, 2)},
+    # run 10d: the library default without gates on the first layers (where a word split into pieces is put together)
+    **{f"default-last{k}{'' if seed == 0 else f'-s{seed}'}": {
+        "retain_set": "library", "contrast_set": "library", "layers": f"last:{k}", "seed": seed}
+       for k in (26, 22) for seed in (0, 1, 2)},
     "kl5-s1": {**STRONG, "retain_kl": 5.0, "seed": 1},
     "kl5-s2": {**STRONG, "retain_kl": 5.0, "seed": 2},
 }
@@ -199,7 +207,7 @@ CONFIGS = {
 NOT_FIT_FIELDS = ("retain_set", "contrast_set", "packs")
 MAIN_ARMS = ("ctrl-5000", "lora", "ia3", "ctrl-512", "ctrl-all", "random-5000")
 PEFT = ("lora", "ia3")
-RULES = ("sum", "max", "mean", "overlap-mean", "w0.8")  # composition rules compared (see compose_rule)
+RULES = ("sum", "max", "mean", "overlap-mean", "w0.8", "sign-max")  # composition rules compared (see compose_rule)
 
 
 # ------------------------------------------------------------------ scoring
@@ -271,12 +279,13 @@ def score_jobs(model, tok, jobs: list[Job], batch_size: int = 128) -> dict[tuple
 def compose_rule(ctrls: list[Controller], rule: str) -> tuple[Controller, dict]:
     """sum: ntkmirror.compose (clipped sum, the default); mean: weights 1/n; w0.8: weights 0.8;
     max: on shared gates keep the input with the largest |s| (no adding); overlap-mean: on shared
-    gates the mean of the inputs, elsewhere each input's own value."""
+    gates the mean of the inputs, elsewhere each input's own value; sign-max: the largest raise plus
+    the largest lowering of each gate (inputs that agree do not add up, opposing ones cancel)."""
     if rule == "sum":
         return compose(ctrls)
     if rule in ("mean", "w0.8"):
         return compose(ctrls, weights=[1 / len(ctrls) if rule == "mean" else 0.8] * len(ctrls))
-    if rule in ("max", "overlap-mean"):
+    if rule in ("max", "overlap-mean", "sign-max"):
         H = ctrls[0].hidden_size
         keys = torch.cat([c.keys() for c in ctrls])
         s = torch.cat([c.log_gates() for c in ctrls])
@@ -286,6 +295,10 @@ def compose_rule(ctrls: list[Controller], rule: str) -> tuple[Controller, dict]:
             first = torch.full((len(uniq),), len(keys), dtype=torch.long).scatter_reduce(
                 0, inv[order], torch.arange(len(keys)), "amin")  # the largest |s| of each key
             value = s[order][first]
+        elif rule == "sign-max":
+            zero = torch.zeros(len(uniq))
+            value = (zero.scatter_reduce(0, inv, s.clamp(min=0), "amax") +
+                     zero.scatter_reduce(0, inv, s.clamp(max=0), "amin"))
         else:
             value = torch.zeros(len(uniq)).index_add_(0, inv, s) / torch.bincount(inv, minlength=len(uniq))
         base, report = compose(ctrls)

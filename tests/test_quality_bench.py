@@ -137,6 +137,11 @@ def test_composition_rules():
     assert torch.allclose(dense(shrunk)[[1, 2, 3, 9]], torch.tensor([0.12, -0.12, 0.16, 0.08]), atol=1e-5)
     shared, _ = compose_rule([a, b], "overlap-mean")  # keys 2 and 3 are shared: their mean; 1 and 9 kept
     assert torch.allclose(dense(shared)[[1, 2, 3, 9]], torch.tensor([0.15, -0.075, 0.1, 0.1]), atol=1e-5)
+    c = ctrl([2, 3], [-0.08, -0.1])  # agrees with b on key 2 (-0.05), opposes it on key 3 (+0.15)
+    strongest, _ = compose_rule([b, c], "sign-max")  # agreeing: the stronger; opposing: they cancel
+    assert torch.allclose(dense(strongest)[[2, 3, 9]], torch.tensor([-0.08, 0.05, 0.1]), atol=1e-5)
+    same, _ = compose_rule([b, b], "sign-max")  # a controller composed with itself is itself
+    assert torch.allclose(dense(same), dense(b), atol=1e-6)
 
 
 def test_quality_run_end_to_end_on_a_tiny_model(tmp_path):
