@@ -199,6 +199,13 @@ CONFIGS = {
     **{f"default-last{k}{'' if seed == 0 else f'-s{seed}'}": {
         "retain_set": "library", "contrast_set": "library", "layers": f"last:{k}", "seed": seed}
        for k in (26, 22) for seed in (0, 1, 2)},
+    # run 10e: the library default plus a first-order term, the hinged rise of the KL text's own NLL
+    **{f"default-nll{w:g}{'' if seed == 0 else f'-s{seed}'}": {
+        "retain_set": "library", "contrast_set": "library", "retain_nll": w, "seed": seed}
+       for w in (1.0, 3.0, 10.0, 30.0) for seed in (0, 1, 2)},
+    **{f"default-nll3-lang{'' if seed == 0 else f'-s{seed}'}": {
+        "retain_set": "library", "contrast_set": "library", "retain_nll": 3.0, "seed": seed,
+        "retain_openers": "generic+languages", "retain_samples": 192} for seed in (0, 1, 2)},
     "kl5-s1": {**STRONG, "retain_kl": 5.0, "seed": 1},
     "kl5-s2": {**STRONG, "retain_kl": 5.0, "seed": 2},
 }
@@ -390,7 +397,7 @@ def fit_texts(name: str, cfg: FitConfig, retain: list, tok, model) -> tuple[FitC
     Without a contrast_set the contrast is the config's retain text, as fit_controllers chose until run 7.
     The library's KL text (fit.kl_text) is made here when it holds the model's own samples, so that
     any sample holding a probe's prompt is dropped, as for `sampled:` sets."""
-    wants_kl = cfg.retain_kl > 0 or cfg.pair_kl > 0
+    wants_kl = cfg.retain_kl > 0 or cfg.retain_nll > 0 or cfg.pair_kl > 0
     fit_retain = config_retain(name, retain, tok, model) if wants_kl else None
     if wants_kl and fit_retain is None and cfg.retain_samples:
         fit_retain = without_probes(kl_text(model, tok, cfg))

@@ -52,6 +52,7 @@ class FitConfig:
     retain_sample_tokens: int = 16  # tokens in each of those texts
     retain_openers: str = "generic"  # where those texts start (evaluate.retain_openers): generic, none, vocab, languages
     retain_tokens: str = "completion"  # where the KL is taken: "completion" tokens or "all" tokens of a row
+    retain_nll: float = 0.0  # weight of the rise of the KL text's own NLL (hinged at 0), a first-order term
     pair_kl: float = 0.0  # weight of the same KL under each controller composed with another of its pack
     compile: bool = False  # compile the fit step (compiled_fit): for long GPU fits of larger models / packs
 
@@ -65,7 +66,7 @@ class FitConfig:
             raise ConfigError(f"lr must be a positive number, got {self.lr!r}")
         if not (0 < self.max_log_gate <= MAX_LOG_GATE_LIMIT):
             raise ConfigError(f"max_log_gate must be in (0, {MAX_LOG_GATE_LIMIT:g}], got {self.max_log_gate!r}")
-        for name in ("retain_kl", "selection_contrast", "pair_kl", "weight_decay"):
+        for name in ("retain_kl", "retain_nll", "selection_contrast", "pair_kl", "weight_decay"):
             if not (math.isfinite(getattr(self, name)) and getattr(self, name) >= 0):
                 raise ConfigError(f"{name} must be a non-negative number, got {getattr(self, name)!r}")
         opener_kinds(self.retain_openers)
@@ -155,25 +156,29 @@ def packed_nll(model, encoded_sets, gates: PackedGates | None, pad: int, rows_pe
     return (sums / counts.clamp_min(1)).tolist()
 
 
-def retain_divergence(model, gates: PackedGates, retain: Batch, partners: torch.Tensor | None = None) -> torch.Tensor:
-    """(C,) mean KL(base || gated) per retain token under each controller: how far each one moves
-    text it should leave alone. Every controller sees every retain row. With partners (C,),
-    controller c is composed with controller partners[c]: how far the pair moves it."""
+def retain_divergence(model, gates: PackedGates, retain: Batch,
+                      partners: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """How far each controller moves text it should leave alone, per retain token: (C,) mean
+    KL(base || gated), and (C,) mean rise of the retain text's own NLL (gated - base). Every
+    controller sees every retain row. With partners (C,), controller c is composed with controller
+    partners[c]: how far the pair moves it."""
     C, R = gates.raw.shape[0], retain.input_ids.shape[0]
     with torch.no_grad():
         base = F.log_softmax(supervised_logits(model, retain)[0], -1)  # (N, V)
     rows = Batch(*(t.repeat(C, 1) for t in (retain.input_ids, retain.attention_mask, retain.labels)))
     row_ctrl = torch.arange(C, device=retain.input_ids.device).repeat_interleave(R)  # (C * R,)
     with attach(model, gates.rows(row_ctrl, None if partners is None else partners[row_ctrl])):
-        logits, _, row = supervised_logits(model, rows)  # (C * N, V), controller-major like `rows`
-    base = base.repeat(C, 1)
-    kl = (base.exp() * (base - F.log_softmax(logits, -1))).sum(-1)  # (C * N,)
-    return group_means(kl, row_ctrl[row], C)
+        logits, targets, row = supervised_logits(model, rows)  # (C * N, V), controller-major like `rows`
+    base, gated = base.repeat(C, 1), F.log_softmax(logits, -1)
+    kl = (base.exp() * (base - gated)).sum(-1)  # (C * N,)
+    rise = (base - gated).gather(1, targets[:, None])[:, 0]  # NLL gated - NLL base of the text's own tokens
+    owner = row_ctrl[row]
+    return group_means(kl, owner, C), group_means(rise, owner, C)
 
 
 def train_step(model, gates: PackedGates, opt, batch: Batch, row_ctrl: torch.Tensor, l2: float,
                retain: Batch | None = None, retain_kl: float = 0.0, partners: torch.Tensor | None = None,
-               pair_kl: float = 0.0) -> torch.Tensor:
+               pair_kl: float = 0.0, retain_nll: float = 0.0) -> torch.Tensor:
     """One optimiser step for all C packed controllers; returns each one's loss, (C,).
 
     Autograd starts at the lowest gated layer: the weights are frozen, so nothing below it
@@ -183,10 +188,12 @@ def train_step(model, gates: PackedGates, opt, batch: Batch, row_ctrl: torch.Ten
         tl = token_losses(model, batch)
     loss_c = group_means(tl.nll, row_ctrl[tl.row], C)  # (C,) each controller's own mean
     loss = loss_c.sum() + l2 * gates.log_gates().pow(2).mean(1).sum()
-    if retain is not None and retain_kl > 0:
-        loss = loss + retain_kl * retain_divergence(model, gates, retain).sum()
+    if retain is not None and (retain_kl > 0 or retain_nll > 0):
+        kl, rise = retain_divergence(model, gates, retain)
+        # the KL is second order at the base model; the rise of real text's NLL moves at first order
+        loss = loss + retain_kl * kl.sum() + retain_nll * rise.clamp_min(0).sum()
     if retain is not None and partners is not None and pair_kl > 0:  # what a composed pair does to it
-        loss = loss + pair_kl * retain_divergence(model, gates, retain, partners).sum()
+        loss = loss + pair_kl * retain_divergence(model, gates, retain, partners)[0].sum()
     opt.zero_grad(set_to_none=True)
     loss.backward()
     opt.step()
@@ -224,7 +231,8 @@ def fit_controllers(model, tokenizer, datasets: Sequence[Sequence[Example]], con
     With cfg.retain_kl > 0, each step also penalises each controller's KL divergence from the base
     model on cfg.retain_rows rows of kl_text: the `retain` examples (default: bundled generic text)
     and cfg.retain_samples texts the model writes, which keeps strong controllers composable and off
-    unrelated prompts. With cfg.selection_contrast > 0 the gates are chosen away from the channels that
+    unrelated prompts; cfg.retain_nll > 0 adds the hinged rise of that text's own NLL (docs/results.md,
+    run 10: not a default). With cfg.selection_contrast > 0 the gates are chosen away from the channels that
     `contrast` leans on (default: data.default_contrast_examples, whatever the retain text: a larger
     or different contrast text measured worse, docs/results.md runs 4i and 6a),
     which keeps different memories on different channels. With cfg.pair_kl > 0 and two or more
@@ -251,7 +259,7 @@ def fit_controllers(model, tokenizer, datasets: Sequence[Sequence[Example]], con
         contrast = None
     elif contrast is None:
         contrast = default_contrast_examples()
-    wants_kl = cfg.retain_kl > 0 or wants_pairs
+    wants_kl = cfg.retain_kl > 0 or cfg.retain_nll > 0 or wants_pairs
     retain = kl_text(model, tokenizer, cfg, retain) if wants_kl else None
     use_retain = bool(retain)
 
@@ -301,7 +309,7 @@ def fit_controllers(model, tokenizer, datasets: Sequence[Sequence[Example]], con
                 partners = (torch.arange(C) + torch.randint(1, C, (1,), generator=partner_gen)) % C
                 partners = partners.to(device)
             loss_c = train_step(model, gates, opt, batch.to(device), row_ctrl.to(device), cfg.l2, retain_batch,
-                                cfg.retain_kl, partners, cfg.pair_kl)
+                                cfg.retain_kl, partners, cfg.pair_kl, cfg.retain_nll)
             steps_run = step + 1
             if progress and step % 10 == 0:  # .item() waits for the GPU: not every step
                 bar.set_postfix(loss=f"{loss_c.mean().item():.4f}")

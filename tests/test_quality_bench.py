@@ -15,7 +15,7 @@ from ntkmirror.controller import Controller
 from ntkmirror.data import Example, collate, encode_all, load_jsonl_examples, pad_id
 from ntkmirror.fit import FitConfig, fit_controllers
 from ntkmirror.gates import attach
-from ntkmirror.objective import supervised_logits
+from ntkmirror.objective import supervised_logits, token_losses
 from tiny import arithmetic_rows
 
 from benchmarks.quality import compose_rule
@@ -77,6 +77,53 @@ def test_retain_kl_keeps_unrelated_text_closer_to_base(model, tok):
     kept = fit_controllers(model, tok, [train], FitConfig(**cfg, retain_kl=10.0), progress=False, retain=retain)[0]
     assert torch.equal(free.keys(), kept.keys())  # same selection: only the objective differs
     assert _retain_kl(model, tok, kept, retain) < 0.5 * _retain_kl(model, tok, free, retain)
+
+
+def _retain_nll(model, tok, ctrl: Controller | None, examples) -> float:
+    batch = collate(encode_all(tok, examples, 256, True), pad_id(tok))
+    with attach(model, ctrl):
+        return float(token_losses(model, batch).nll.mean())
+
+
+def test_retain_divergence_measures_kl_and_the_rise_of_the_texts_own_nll(model, tok):
+    """retain_divergence's second number is the gated minus the base NLL of the retain text's own
+    tokens, per controller; both numbers are 0 with every gate at 0."""
+    from ntkmirror.fit import PackedGates, retain_divergence
+
+    retain = [Example("", "The quick brown fox jumps over the lazy dog."), Example("Hello", " world! user assistant")]
+    batch = collate(encode_all(tok, retain, 256, True), pad_id(tok))
+    L, H = model.config.num_hidden_layers, model.config.hidden_size
+    chans = [torch.arange(0, H, 2), torch.arange(1, H, 2)]
+    gates = PackedGates([torch.zeros(len(c), dtype=torch.long) + 1 for c in chans], chans, H, 0.5, "cpu")
+    with torch.no_grad():
+        kl, rise = retain_divergence(model, gates, batch)
+        assert kl.abs().max() < 1e-6 and rise.abs().max() < 1e-5
+        gates.raw.copy_(torch.randn(gates.raw.shape, generator=torch.Generator().manual_seed(0)))
+        kl, rise = retain_divergence(model, gates, batch)
+    base = _retain_nll(model, tok, None, retain)
+    for c in range(2):
+        assert float(rise[c]) == pytest.approx(_retain_nll(model, tok, gates.controller(c, n_layers=L, hidden_size=H),
+                                                           retain) - base, abs=1e-4)
+        assert float(kl[c]) == pytest.approx(_retain_kl(model, tok, gates.controller(c, n_layers=L, hidden_size=H),
+                                                        retain), abs=1e-4)
+
+
+def test_retain_nll_keeps_the_retain_texts_nll_from_rising(model, tok):
+    """retain_nll penalises a rise of the retain text's own NLL (a first-order change the KL, second
+    order at the base model, barely resists): with it the rise is much smaller, same gates."""
+    train = [Example(**r) for r in arithmetic_rows(16, seed=1)]
+    retain = [Example("", "The quick brown fox jumps over the lazy dog."), Example("Hello", " world! user assistant")]
+    cfg = dict(gates=64, steps=25, batch_size=4, score_batches=2, lr=5e-2, max_log_gate=0.5, retain_rows=2,
+               retain_samples=0, retain_kl=0.0, selection_contrast=0.0)
+    free = fit_controllers(model, tok, [train], FitConfig(**cfg), progress=False, retain=retain)[0]
+    kept = fit_controllers(model, tok, [train], FitConfig(**cfg, retain_nll=30.0), progress=False, retain=retain)[0]
+    assert torch.equal(free.keys(), kept.keys())  # same selection: only the objective differs
+    base = _retain_nll(model, tok, None, retain)
+    rise_free, rise_kept = (_retain_nll(model, tok, c, retain) - base for c in (free, kept))
+    assert rise_free > 0.05  # the task alone does move the retain text
+    assert rise_kept < 0.5 * rise_free
+    with pytest.raises(Exception, match="retain_nll"):
+        FitConfig(retain_nll=-1.0).check()
 
 
 def test_pair_kl_keeps_a_composed_pair_closer_to_base(model, tok):
