@@ -499,3 +499,13 @@ def test_probe_shift_splits_a_probes_change_by_place_in_the_answer(model, tok, t
     saved = json.loads((out / "probe_shift.json").read_text())
     assert len(saved["probes"]) == len(PROBES) and all(len(per) == 4 + 6 for per in saved["probes"].values())
     assert sorted(p.name for p in out.glob("*.safetensors")) == sorted(f"{t}.safetensors" for t in MAIN_TASKS)
+
+
+def test_per_task_gate_budgets_fit_each_such_task_as_its_own_pack():
+    from benchmarks.quality import CONFIGS, fit_packs
+
+    tasks = ["addition", "json_person", "persona_pirate", "preference_miles", "persona_butler"]
+    assert fit_packs("default-budgets", tasks) == [[t] for t in tasks[:4]] + [["persona_butler"]]
+    assert fit_packs("default", tasks) == [tasks]
+    assert fit_packs("kl5-c1-p5-split", tasks[:4]) == [["addition", "persona_pirate"], ["json_person", "preference_miles"]]
+    assert set(CONFIGS["default-budgets"]["task_gates"]) <= set(tasks)
