@@ -190,8 +190,9 @@ def train_step(model, gates: PackedGates, opt, batch: Batch, row_ctrl: torch.Ten
     loss = loss_c.sum() + l2 * gates.log_gates().pow(2).mean(1).sum()
     if retain is not None and (retain_kl > 0 or retain_nll > 0):
         kl, rise = retain_divergence(model, gates, retain)
-        # the KL is second order at the base model; the rise of real text's NLL moves at first order
-        loss = loss + retain_kl * kl.sum() + retain_nll * rise.clamp_min(0).sum()
+        loss = loss + retain_kl * kl.sum()
+        if retain_nll > 0:  # the KL is second order at the base model; real text's NLL moves at first order
+            loss = loss + retain_nll * rise.clamp_min(0).sum()
     if retain is not None and partners is not None and pair_kl > 0:  # what a composed pair does to it
         loss = loss + pair_kl * retain_divergence(model, gates, retain, partners)[0].sum()
     opt.zero_grad(set_to_none=True)
