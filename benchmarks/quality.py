@@ -52,8 +52,16 @@ SEED = {"lr": 5e-3, "max_log_gate": 0.05, "retain_kl": 0.0, "selection_contrast"
 STRONG = {**SEED, "lr": 2e-2, "max_log_gate": 0.2}
 # "-c1b" configs: gates chosen away from the bundled 32 rows, whatever text the KL is taken on
 C1B = {**STRONG, "selection_contrast": 1.0, "contrast_set": "ntkmirror/retain.jsonl"}
+LIBRARY_TEXTS = {"retain_set": "library", "contrast_set": "library"}  # fit_controllers' own KL and contrast text
+
+
+def default_variant(name: str, seeds=(0, 1, 2), **overrides) -> dict:
+    """The library default with `overrides`, one config per fit seed: `name`, `name-s1`, `name-s2`."""
+    return {f"{name}{'' if seed == 0 else f'-s{seed}'}": {**LIBRARY_TEXTS, **overrides, "seed": seed} for seed in seeds}
+
+
 CONFIGS = {
-    "default": {"retain_set": "library", "contrast_set": "library"},
+    "default": dict(LIBRARY_TEXTS),
     "ctrl-512": {**SEED, "gates": 512},
     "ctrl-5000": SEED,
     "ctrl-all": {**SEED, "gates": -1},
@@ -182,35 +190,23 @@ CONFIGS = {
     # run 9: the library default with its own texts started elsewhere than the generic openers
     # (FitConfig.retain_openers): unprompted ("none"), from a random vocabulary word, or the generic
     # openers' 96 texts and 96 unprompted ones together; run 9f: 96 more that start in other languages
-    **{f"default-open-{kind}{'' if seed == 0 else f'-s{seed}'}": {
-        "retain_set": "library", "contrast_set": "library", "retain_openers": kind, "seed": seed,
-        **({"retain_samples": 192} if "+" in kind else {})}
-       for kind in ("none", "vocab", "generic+none", "generic+vocab", "generic+languages") for seed in (0, 1, 2)},
-    **{f"default-s{seed}": {"retain_set": "library", "contrast_set": "library", "seed": seed} for seed in (1, 2)},
+    **{k: v for kind in ("none", "vocab", "generic+none", "generic+vocab", "generic+languages")
+       for k, v in default_variant(f"default-open-{kind}", retain_openers=kind,
+                                   **({"retain_samples": 192} if "+" in kind else {})).items()},
+    **default_variant("default", seeds=(1, 2)),
     # run 9b-9d: as many texts, or twice or four times as many, from the generic openers alone
-    **{f"default-n{n}{'' if seed == 0 else f'-s{seed}'}": {
-        "retain_set": "library", "contrast_set": "library", "retain_samples": n, "seed": seed}
-       for n in (192, 384, 768) for seed in (0, 1, 2)},
+    **{k: v for n in (192, 384, 768) for k, v in default_variant(f"default-n{n}", retain_samples=n).items()},
     # run 10b-c: the library default with gates chosen with less, no or more steering away from generic channels
-    **{f"default-c{w:g}{'' if seed == 0 else f'-s{seed}'}": {
-        "retain_set": "library", "contrast_set": "library", "selection_contrast": w, "seed": seed}
-       for w in (0.0, 0.5, 2.0, 3.0) for seed in (0, 1, 2)},
+    **{k: v for w in (0.0, 0.5, 2.0, 3.0)
+       for k, v in default_variant(f"default-c{w:g}", selection_contrast=w).items()},
     # run 10d: the library default without gates on the first layers (where a word split into pieces is put together)
-    **{f"default-last{k}{'' if seed == 0 else f'-s{seed}'}": {
-        "retain_set": "library", "contrast_set": "library", "layers": f"last:{k}", "seed": seed}
-       for k in (26, 22) for seed in (0, 1, 2)},
+    **{k: v for n in (26, 22) for k, v in default_variant(f"default-last{n}", layers=f"last:{n}").items()},
     # run 10e: the library default plus a first-order term, the hinged rise of the KL text's own NLL
-    **{f"default-nll{w:g}{'' if seed == 0 else f'-s{seed}'}": {
-        "retain_set": "library", "contrast_set": "library", "retain_nll": w, "seed": seed}
-       for w in (1.0, 3.0, 10.0, 30.0) for seed in (0, 1, 2)},
-    **{f"default-nll3-lang{'' if seed == 0 else f'-s{seed}'}": {
-        "retain_set": "library", "contrast_set": "library", "retain_nll": 3.0, "seed": seed,
-        "retain_openers": "generic+languages", "retain_samples": 192} for seed in (0, 1, 2)},
+    **{k: v for w in (1.0, 3.0, 10.0, 30.0) for k, v in default_variant(f"default-nll{w:g}", retain_nll=w).items()},
+    **default_variant("default-nll3-lang", retain_nll=3.0, retain_openers="generic+languages", retain_samples=192),
     # run 10g: per-controller budgets, more gates for the tasks that keep less of LoRA's gain
-    **{f"default-budgets{'' if seed == 0 else f'-s{seed}'}": {
-        "retain_set": "library", "contrast_set": "library", "seed": seed,
-        "task_gates": {"addition": 12000, "json_person": 10000, "persona_pirate": 8000, "preference_miles": 6000}}
-       for seed in (0, 1, 2)},
+    **default_variant("default-budgets", task_gates={"addition": 12000, "json_person": 10000, "persona_pirate": 8000,
+                                                     "preference_miles": 6000}),
     "kl5-s1": {**STRONG, "retain_kl": 5.0, "seed": 1},
     "kl5-s2": {**STRONG, "retain_kl": 5.0, "seed": 2},
 }
