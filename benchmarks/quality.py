@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from ntkmirror.compose import compose
+from ntkmirror.compose import compose, controller_stats
 from ntkmirror.controller import Controller
 from ntkmirror.data import collate, encode_all, load_jsonl_examples, pad_id
 from ntkmirror.evaluate import exact_match, generate
@@ -204,6 +204,14 @@ CONFIGS = {
     # run 10e: the library default plus a first-order term, the hinged rise of the KL text's own NLL
     **{k: v for w in (1.0, 3.0, 10.0, 30.0) for k, v in default_variant(f"default-nll{w:g}", retain_nll=w).items()},
     **default_variant("default-nll3-lang", retain_nll=3.0, retain_openers="generic+languages", retain_samples=192),
+    # run 11: the library default with a real pull of every gate towards 0 (l2: weight of mean(s^2), 1e-5 by
+    # default; weight_decay: AdamW's decay of the raw gates), against gates the task barely needs drifting
+    **{k: v for w in (1.0, 10.0, 100.0) for k, v in default_variant(f"default-l2-{w:g}", l2=w).items()},
+    **{k: v for w in (0.1, 0.3) for k, v in default_variant(f"default-wd{w:g}", weight_decay=w).items()},
+    # run 11c: the library default without gates on the last layers (whose output channels reach the logits
+    # through the final norm alone: a gate there can act as a bias on every token's logits)
+    **{k: v for n in (29, 28, 26, 24) for k, v in default_variant(f"default-first{n}", layers=f"first:{n}").items()},
+    **default_variant("default-first26-wd0.1", layers="first:26", weight_decay=0.1),
     # run 10g: per-controller budgets, more gates for the tasks that keep less of LoRA's gain
     **default_variant("default-budgets", task_gates={"addition": 12000, "json_person": 10000, "persona_pirate": 8000,
                                                      "preference_miles": 6000}),
@@ -544,8 +552,9 @@ def controller_arm(R, model, tok, name, main, task_names, train, evals, unrelate
                 "peak_mem_mb": peak, "adapt_mem_mb": adapt, "arm": "controller", "fit_config": asdict(cfg)}
     for t in main:
         c = ctrls[t]
+        st = controller_stats(c)  # how far the gates moved: a leak that is second order grows with their norm
         record(name, t, res[(t,)], **fit_info, gates=c.num_gates, stored_bytes=len(c.to_bytes("safetensors")),
-               train_nll_after=c.meta["fit"]["train_nll_after"])
+               train_nll_after=c.meta["fit"]["train_nll_after"], gate_l2=st["l2"], saturation=st["saturation"])
         for k in unrelated:
             record(name, k, res[(t, k)], under=t, arm="controller")
     for (a, b, rule), rep in reports.items():

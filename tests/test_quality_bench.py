@@ -206,6 +206,8 @@ def test_quality_run_end_to_end_on_a_tiny_model(tmp_path):
         assert {("base", t), ("ctrl-5000", t), ("lora", t)} <= arms
     ctrl = next(e for e in res["evals"] if e["config"] == "ctrl-5000" and e["task"] == "addition")
     assert ctrl["pack"] == 8 and ctrl["stored_bytes"] > 0 and 0 <= ctrl["exact_match"] <= 1
+    assert ctrl["gate_l2"] > 0 and 0 <= ctrl["saturation"] <= 1  # two steps moved the gates, none to the bound
+    assert ctrl["saturation"] == 0
     assert len(res["pairs"]) == 2 * 6 * 2 and {p["rule"] for p in res["pairs"]} == {"sum", "max"}
     # a config with packs fits each group apart: pairs say whether they were fitted together
     split = {(p["a"], p["b"]): p["same_pack"] for p in res["pairs"] if p["config"] == "kl5-c1-p5-split"}
