@@ -32,7 +32,7 @@ import torch
 
 from ntkmirror.compose import compose, controller_stats
 from ntkmirror.controller import Controller
-from ntkmirror.data import collate, encode_all, load_jsonl_examples, pad_id
+from ntkmirror.data import collate, default_retain_examples, encode_all, load_jsonl_examples, pad_id
 from ntkmirror.evaluate import exact_match, generate
 from ntkmirror.fit import FitConfig, fit_controllers, kl_text
 from ntkmirror.gates import attach, row_gates
@@ -212,6 +212,11 @@ CONFIGS = {
     # through the final norm alone: a gate there can act as a bias on every token's logits)
     **{k: v for n in (29, 28, 26, 24) for k, v in default_variant(f"default-first{n}", layers=f"first:{n}").items()},
     **default_variant("default-first26-wd0.1", layers="first:26", weight_decay=0.1),
+    # run 11e: the library's KL text plus 48 sentences in six other languages (written for it, no probe word in
+    # them): text with the later pieces of foreign words that probe F leaks on, in real, not model-written, words
+    **default_variant("default-langtext", retain_set="library+benchmarks/tasks/retain_languages.jsonl"),
+    **default_variant("default-langtext-nll3", retain_set="library+benchmarks/tasks/retain_languages.jsonl",
+                      retain_nll=3.0),
     # run 10g: per-controller budgets, more gates for the tasks that keep less of LoRA's gain
     **default_variant("default-budgets", task_gates={"addition": 12000, "json_person": 10000, "persona_pirate": 8000,
                                                      "preference_miles": 6000}),
@@ -377,7 +382,8 @@ def config_retain(name: str, retain: list, tok, model=None, key: str = "retain_s
     """The retain examples a config fits with: the manifest's, or its own `retain_set`: a file, or
     `sampled:N[:T[:temperature]]`: N texts of T tokens (default 48; temperature 1) the model writes itself
     (ntkmirror.evaluate.sampled_retain_examples), or several of those joined by "+", or None for
-    `library` (fit_controllers' own defaults). key="contrast_set": the text its gate selection
+    `library` (fit_controllers' own defaults; as a part of a "+" list, the library's bundled rows, with the
+    model's own texts added as the library adds them). key="contrast_set": the text its gate selection
     steers away from (default: the same)."""
     spec = CONFIGS.get(name, {}).get(key)
     if spec == "library":
@@ -386,6 +392,8 @@ def config_retain(name: str, retain: list, tok, model=None, key: str = "retain_s
 
 
 def _retain_source(part: str, tok, model) -> list:
+    if part == "library":
+        return list(default_retain_examples())
     if part.startswith("sampled:"):
         from ntkmirror.evaluate import sampled_retain_examples
 
@@ -409,8 +417,8 @@ def fit_texts(name: str, cfg: FitConfig, retain: list, tok, model) -> tuple[FitC
     any sample holding a probe's prompt is dropped, as for `sampled:` sets."""
     wants_kl = cfg.retain_kl > 0 or cfg.retain_nll > 0 or cfg.pair_kl > 0
     fit_retain = config_retain(name, retain, tok, model) if wants_kl else None
-    if wants_kl and fit_retain is None and cfg.retain_samples:
-        fit_retain = without_probes(kl_text(model, tok, cfg))
+    if wants_kl and cfg.retain_samples and CONFIGS.get(name, {}).get("retain_set", "").split("+")[0] == "library":
+        fit_retain = without_probes(kl_text(model, tok, cfg, fit_retain))
         cfg = replace(cfg, retain_samples=0)  # they are in fit_retain now
     contrast = config_retain(name, retain, tok, model, "contrast_set") if "contrast_set" in CONFIGS[name] else fit_retain
     return cfg, fit_retain, contrast

@@ -401,6 +401,29 @@ def test_config_retain_joins_a_file_and_the_models_own_samples(model, tok, monke
     assert quality.config_retain("kl5-c1", ["manifest rows"], tok, model) == ["manifest rows"]
 
 
+def test_library_plus_a_file_is_the_librarys_kl_text_with_the_files_rows(model, tok):
+    """retain_set "library+file": the bundled rows, the file's rows, then the model's own texts exactly
+    as the library samples them; the languages file shares no word with probe F's answers."""
+    import re
+
+    from ntkmirror.data import default_retain_examples
+    from ntkmirror.fit import FitConfig, kl_text
+
+    from benchmarks import quality
+    from benchmarks.tasks.generate import FOREIGN_WORDS
+
+    cfg = FitConfig(retain_samples=3, retain_sample_tokens=5, seed=1)
+    fit_cfg, rows, contrast = quality.fit_texts("default-langtext", cfg, [], tok, model)
+    langs = load_jsonl_examples(Path(quality.__file__).resolve().parents[1] / "benchmarks/tasks/retain_languages.jsonl", tok)
+    bundled = list(default_retain_examples())
+    assert len(langs) == 48 and rows[:len(bundled)] == bundled and rows[len(bundled):len(bundled) + 48] == langs
+    assert rows == quality.without_probes(kl_text(model, tok, cfg, bundled + langs)) and len(rows) > len(bundled) + 48
+    assert fit_cfg.retain_samples == 0 and contrast is None  # the samples are in rows; the library's contrast
+    answers = {re.sub(r"[^\w']", "", c).lower() for _, c in FOREIGN_WORDS}
+    words = {w.lower() for ex in langs for w in re.findall(r"\w+", ex.prompt + ex.completion)}
+    assert answers and not answers & words
+
+
 def test_named_configs_pin_every_default_that_changed():
     """A named config means what it meant when it was measured: each one pins the fields whose
     FitConfig default moved since (lr, max_log_gate, retain_kl, selection_contrast, retain_rows, gates,
