@@ -217,6 +217,12 @@ CONFIGS = {
     **default_variant("default-langtext", retain_set="library+benchmarks/tasks/retain_languages.jsonl"),
     **default_variant("default-langtext-nll3", retain_set="library+benchmarks/tasks/retain_languages.jsonl",
                       retain_nll=3.0),
+    # run 11f: the library's KL text plus 48 English sentences that end in a long word split into pieces
+    # (probe H's shape, none of its words or prompts), or 48 that end in a phrase of another language
+    # (probe F's shape: an English context, then foreign words; none of F's words or its template), or both
+    **{k: v for tag, files in (("longwords", "retain_longwords"), ("codeswitch", "retain_codeswitch"),
+                               ("both", "retain_longwords.jsonl+benchmarks/tasks/retain_codeswitch"))
+       for k, v in default_variant(f"default-{tag}", retain_set=f"library+benchmarks/tasks/{files}.jsonl").items()},
     # run 10g: per-controller budgets, more gates for the tasks that keep less of LoRA's gain
     **default_variant("default-budgets", task_gates={"addition": 12000, "json_person": 10000, "persona_pirate": 8000,
                                                      "preference_miles": 6000}),
