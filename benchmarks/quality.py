@@ -32,7 +32,7 @@ import torch
 
 from ntkmirror.compose import compose, controller_stats
 from ntkmirror.controller import Controller
-from ntkmirror.data import collate, default_retain_examples, encode_all, load_jsonl_examples, pad_id
+from ntkmirror.data import collate, encode_all, load_jsonl_examples, pad_id
 from ntkmirror.evaluate import exact_match, generate
 from ntkmirror.fit import FitConfig, fit_controllers, kl_text
 from ntkmirror.gates import attach, row_gates
@@ -52,16 +52,22 @@ SEED = {"lr": 5e-3, "max_log_gate": 0.05, "retain_kl": 0.0, "selection_contrast"
 STRONG = {**SEED, "lr": 2e-2, "max_log_gate": 0.2}
 # "-c1b" configs: gates chosen away from the bundled 32 rows, whatever text the KL is taken on
 C1B = {**STRONG, "selection_contrast": 1.0, "contrast_set": "ntkmirror/retain.jsonl"}
-LIBRARY_TEXTS = {"retain_set": "library", "contrast_set": "library"}  # fit_controllers' own KL and contrast text
+# The run-8 default's KL text, pinned (runs 8-11 measured against it under the name "default"): the 64 bundled
+# rows of then, then the model's own texts as the library samples them ("own"); the library's own contrast
+RUN8_KL_TEXT = "ntkmirror/retain.jsonl+ntkmirror/retain_clauses.jsonl+own"
+LIBRARY_TEXTS = {"retain_set": RUN8_KL_TEXT, "contrast_set": "library"}
 
 
 def default_variant(name: str, seeds=(0, 1, 2), **overrides) -> dict:
-    """The library default with `overrides`, one config per fit seed: `name`, `name-s1`, `name-s2`."""
+    """The run-8 default with `overrides`, one config per fit seed: `name`, `name-s1`, `name-s2`."""
     return {f"{name}{'' if seed == 0 else f'-s{seed}'}": {**LIBRARY_TEXTS, **overrides, "seed": seed} for seed in seeds}
 
 
 CONFIGS = {
     "default": dict(LIBRARY_TEXTS),
+    # the library's default as it stands (fit_controllers' own KL and contrast text; run 11 since 2026-11-25)
+    **{f"library{'' if seed == 0 else f'-s{seed}'}": {"retain_set": "library", "contrast_set": "library", "seed": seed}
+       for seed in (0, 1, 2)},
     "ctrl-512": {**SEED, "gates": 512},
     "ctrl-5000": SEED,
     "ctrl-all": {**SEED, "gates": -1},
@@ -214,15 +220,16 @@ CONFIGS = {
     **default_variant("default-first26-wd0.1", layers="first:26", weight_decay=0.1),
     # run 11e: the library's KL text plus 48 sentences in six other languages (written for it, no probe word in
     # them): text with the later pieces of foreign words that probe F leaks on, in real, not model-written, words
-    **default_variant("default-langtext", retain_set="library+benchmarks/tasks/retain_languages.jsonl"),
-    **default_variant("default-langtext-nll3", retain_set="library+benchmarks/tasks/retain_languages.jsonl",
+    **default_variant("default-langtext", retain_set=RUN8_KL_TEXT + "+benchmarks/tasks/retain_languages.jsonl"),
+    **default_variant("default-langtext-nll3", retain_set=RUN8_KL_TEXT + "+benchmarks/tasks/retain_languages.jsonl",
                       retain_nll=3.0),
     # run 11f: the library's KL text plus 48 English sentences that end in a long word split into pieces
     # (probe H's shape, none of its words or prompts), or 48 that end in a phrase of another language
     # (probe F's shape: an English context, then foreign words; none of F's words or its template), or both
+    # (both: the library default since run 11; the two files are bundled with the package now)
     **{k: v for tag, files in (("longwords", "retain_longwords"), ("codeswitch", "retain_codeswitch"),
-                               ("both", "retain_longwords.jsonl+benchmarks/tasks/retain_codeswitch"))
-       for k, v in default_variant(f"default-{tag}", retain_set=f"library+benchmarks/tasks/{files}.jsonl").items()},
+                               ("both", "retain_longwords.jsonl+ntkmirror/retain_codeswitch"))
+       for k, v in default_variant(f"default-{tag}", retain_set=f"{RUN8_KL_TEXT}+ntkmirror/{files}.jsonl").items()},
     # run 10g: per-controller budgets, more gates for the tasks that keep less of LoRA's gain
     **default_variant("default-budgets", task_gates={"addition": 12000, "json_person": 10000, "persona_pirate": 8000,
                                                      "preference_miles": 6000}),
@@ -388,8 +395,8 @@ def config_retain(name: str, retain: list, tok, model=None, key: str = "retain_s
     """The retain examples a config fits with: the manifest's, or its own `retain_set`: a file, or
     `sampled:N[:T[:temperature]]`: N texts of T tokens (default 48; temperature 1) the model writes itself
     (ntkmirror.evaluate.sampled_retain_examples), or several of those joined by "+", or None for
-    `library` (fit_controllers' own defaults; as a part of a "+" list, the library's bundled rows, with the
-    model's own texts added as the library adds them). key="contrast_set": the text its gate selection
+    `library` (fit_controllers' own defaults); a part `own` adds the model's own texts after the rest, as the
+    library samples them (fit.kl_text; done in fit_texts). key="contrast_set": the text its gate selection
     steers away from (default: the same)."""
     spec = CONFIGS.get(name, {}).get(key)
     if spec == "library":
@@ -398,8 +405,8 @@ def config_retain(name: str, retain: list, tok, model=None, key: str = "retain_s
 
 
 def _retain_source(part: str, tok, model) -> list:
-    if part == "library":
-        return list(default_retain_examples())
+    if part == "own":
+        return []  # fit_texts adds them, seeded as the library does
     if part.startswith("sampled:"):
         from ntkmirror.evaluate import sampled_retain_examples
 
@@ -423,7 +430,8 @@ def fit_texts(name: str, cfg: FitConfig, retain: list, tok, model) -> tuple[FitC
     any sample holding a probe's prompt is dropped, as for `sampled:` sets."""
     wants_kl = cfg.retain_kl > 0 or cfg.retain_nll > 0 or cfg.pair_kl > 0
     fit_retain = config_retain(name, retain, tok, model) if wants_kl else None
-    if wants_kl and cfg.retain_samples and CONFIGS.get(name, {}).get("retain_set", "").split("+")[0] == "library":
+    spec = CONFIGS.get(name, {}).get("retain_set", "")
+    if wants_kl and cfg.retain_samples and (spec == "library" or "own" in spec.split("+")):
         fit_retain = without_probes(kl_text(model, tok, cfg, fit_retain))
         cfg = replace(cfg, retain_samples=0)  # they are in fit_retain now
     contrast = config_retain(name, retain, tok, model, "contrast_set") if "contrast_set" in CONFIGS[name] else fit_retain

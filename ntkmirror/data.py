@@ -105,13 +105,17 @@ def load_jsonl_examples(path: str | Path, tokenizer=None) -> list[Example]:
     return examples
 
 
+RETAIN_FILES = ("retain.jsonl", "retain_clauses.jsonl", "retain_longwords.jsonl", "retain_codeswitch.jsonl")
+
+
 def default_retain_examples() -> list[Example]:
     """Generic text bundled with the package: what fitting keeps each controller's outputs close to
     the base model on (FitConfig.retain_kl) when the caller gives no retain set. The 32 rows of
-    retain.jsonl plus retain_clauses.jsonl: 32 clauses that stop where an answer begins ("The
-    weather today is" -> " sunny."), where the first 32 left controllers free to push their own
-    answer format (docs/results.md, runs 5-6)."""
-    return default_contrast_examples() + load_jsonl_examples(Path(__file__).with_name("retain_clauses.jsonl"))
+    retain.jsonl; 32 clauses that stop where an answer begins ("The weather today is" -> " sunny."),
+    where the first 32 left controllers free to push their own answer format (docs/results.md, runs
+    5-6); 48 English sentences that end in a long word split into several tokens and 48 that end in a
+    phrase of another language, where every controller shifted the later pieces of a word alike (run 11)."""
+    return [ex for name in RETAIN_FILES for ex in load_jsonl_examples(Path(__file__).with_name(name))]
 
 
 def default_contrast_examples() -> list[Example]:

@@ -269,28 +269,30 @@ def test_default_fit_keeps_to_the_bundled_retain_set_and_the_models_own_texts(mo
         return [(e.prompt, e.completion) for e in examples]
 
     bundled, contrast_text = rows(default_retain_examples()), rows(default_contrast_examples())
-    assert FitConfig().retain_kl > 0 and (len(bundled), len(contrast_text)) == (64, 32)
-    assert bundled[:32] == contrast_text  # the bundled KL text is the contrast text plus the clauses
-    # the adopted default is the configuration run 8 measured (kl10-c1b-clauses-self-r16-g10000)
-    from benchmarks.quality import CONFIGS, _retain_source, fit_config, fit_texts
+    assert FitConfig().retain_kl > 0 and (len(bundled), len(contrast_text)) == (160, 32)
+    assert bundled[:32] == contrast_text  # the bundled KL text is the contrast text plus three more files
+    # the adopted default is the configuration run 11 measured (default-both): run 8's text and the two new files
+    from benchmarks.quality import CONFIGS, RUN8_KL_TEXT, _retain_source, fit_config, fit_texts
 
-    measured = CONFIGS["kl10-c1b-clauses-self-r16-g10000"]
+    measured = CONFIGS["default-both"]
     root = Path(__file__).resolve().parents[1]
-    file, sampled = measured["retain_set"].split("+")
-    assert rows(load_jsonl_examples(root / file)) == bundled
-    assert rows(load_jsonl_examples(root / measured["contrast_set"])) == contrast_text
+    parts = measured["retain_set"].split("+")
+    assert measured["retain_set"].startswith(RUN8_KL_TEXT) and parts.count("own") == 1
+    assert rows(x for f in parts if f != "own" for x in load_jsonl_examples(root / f)) == bundled
+    assert measured["contrast_set"] == "library"
     args = type("A", (), {"steps": FitConfig().steps, "batch_size": FitConfig().batch_size, "seed": 0})
-    assert fit_config(measured, args, 0) == replace(FitConfig(), retain_samples=0)  # its samples are in retain_set
+    assert fit_config(measured, args, 0) == FitConfig()
     cfg = FitConfig(retain_samples=5, retain_sample_tokens=4)
     own = sampled_retain_examples(model, tok, 5, 4, seed=0)
     assert rows(kl_text(model, tok, cfg)) == bundled + rows(own)
-    assert sampled == f"sampled:{FitConfig().retain_samples}:{FitConfig().retain_sample_tokens}"
     assert rows(_retain_source("sampled:5:4", tok, model)) == rows(own)  # no sample holds a probe here
-    # the benchmark's "default" makes the library's KL text itself (to drop probe rows) and fits without more samples
+    # the benchmark makes the KL text itself (to drop probe rows) and fits without more samples: "library" is
+    # the library's own text, "default" run 8's (the two files of run 11 not in it), both with the model's texts
     manifest_retain = [Example("", "text")]
-    fit_cfg, retain, contrast = fit_texts("default", cfg, manifest_retain, tok, model)
-    assert fit_cfg == replace(cfg, retain_samples=0) and rows(retain) == bundled + rows(own) and contrast is None
-    assert fit_texts("default", replace(cfg, retain_samples=0), manifest_retain, tok, model) == (
+    for name, text in (("library", bundled), ("default", bundled[:64])):
+        fit_cfg, retain, contrast = fit_texts(name, cfg, manifest_retain, tok, model)
+        assert fit_cfg == replace(cfg, retain_samples=0) and rows(retain) == text + rows(own) and contrast is None
+    assert fit_texts("library", replace(cfg, retain_samples=0), manifest_retain, tok, model) == (
         replace(cfg, retain_samples=0), None, None)  # the library's own
     assert fit_texts("kl5-c1", cfg, manifest_retain, tok, model) == (cfg, manifest_retain, manifest_retain)
     data = [Example(**r) for r in arithmetic_rows(8)]
@@ -298,7 +300,7 @@ def test_default_fit_keeps_to_the_bundled_retain_set_and_the_models_own_texts(mo
     on = fit_controllers(model, tok, [data], FitConfig(**kw), progress=False)[0]
     off = fit_controllers(model, tok, [data], FitConfig(**kw, retain_kl=0.0, selection_contrast=0.0), progress=False)[0]
     n_own = len(sampled_retain_examples(model, tok, 3, 4, seed=0))
-    assert 0 < n_own <= 3 and (on.meta["fit"]["retain_examples"], on.meta["fit"]["contrast_examples"]) == (64 + n_own, 32)
+    assert 0 < n_own <= 3 and (on.meta["fit"]["retain_examples"], on.meta["fit"]["contrast_examples"]) == (160 + n_own, 32)
     assert off.meta["fit"]["retain_examples"] == off.meta["fit"]["contrast_examples"] == 0
     given = fit_controllers(model, tok, [data], FitConfig(**kw), progress=False, retain=manifest_retain)[0]
     assert given.meta["fit"]["retain_examples"] == 1 + n_own  # the samples join a caller's retain set too
@@ -401,23 +403,23 @@ def test_config_retain_joins_a_file_and_the_models_own_samples(model, tok, monke
     assert quality.config_retain("kl5-c1", ["manifest rows"], tok, model) == ["manifest rows"]
 
 
-def test_library_plus_a_file_is_the_librarys_kl_text_with_the_files_rows(model, tok):
-    """retain_set "library+file": the bundled rows, the file's rows, then the model's own texts exactly
-    as the library samples them; the languages file shares no word with probe F's answers."""
+def test_run8_text_plus_a_file_is_that_kl_text_with_the_files_rows(model, tok):
+    """retain_set "<run 8's files>+own+file": run 8's bundled rows, the file's rows, then the model's own
+    texts exactly as the library samples them; the languages file shares no word with probe F's answers."""
     import re
 
-    from ntkmirror.data import default_retain_examples
     from ntkmirror.fit import FitConfig, kl_text
 
     from benchmarks import quality
     from benchmarks.tasks.generate import FOREIGN_WORDS
 
+    root = Path(quality.__file__).resolve().parents[1]
     cfg = FitConfig(retain_samples=3, retain_sample_tokens=5, seed=1)
     fit_cfg, rows, contrast = quality.fit_texts("default-langtext", cfg, [], tok, model)
-    langs = load_jsonl_examples(Path(quality.__file__).resolve().parents[1] / "benchmarks/tasks/retain_languages.jsonl", tok)
-    bundled = list(default_retain_examples())
-    assert len(langs) == 48 and rows[:len(bundled)] == bundled and rows[len(bundled):len(bundled) + 48] == langs
-    assert rows == quality.without_probes(kl_text(model, tok, cfg, bundled + langs)) and len(rows) > len(bundled) + 48
+    langs = load_jsonl_examples(root / "benchmarks/tasks/retain_languages.jsonl", tok)
+    run8 = [ex for f in ("retain.jsonl", "retain_clauses.jsonl") for ex in load_jsonl_examples(root / "ntkmirror" / f)]
+    assert len(langs) == 48 and len(run8) == 64 and rows[:64] == run8 and rows[64:64 + 48] == langs
+    assert rows == quality.without_probes(kl_text(model, tok, cfg, run8 + langs)) and len(rows) > 64 + 48
     assert fit_cfg.retain_samples == 0 and contrast is None  # the samples are in rows; the library's contrast
     answers = {re.sub(r"[^\w']", "", c).lower() for _, c in FOREIGN_WORDS}
     words = {w.lower() for ex in langs for w in re.findall(r"\w+", ex.prompt + ex.completion)}
@@ -431,7 +433,7 @@ def test_named_configs_pin_every_default_that_changed():
     from benchmarks.quality import CONFIGS
 
     for name, overrides in CONFIGS.items():
-        if not name.startswith("default"):  # "default" and its variants follow the library's defaults
+        if not name.startswith(("default", "library")):  # those follow FitConfig's defaults (default*: run 8's KL text)
             assert {"lr", "max_log_gate", "retain_kl", "selection_contrast", "retain_rows", "gates",
                     "retain_samples"} <= overrides.keys(), name
     assert CONFIGS["m0.2-lr2e-2-kl5"]["selection_contrast"] == 0.0 and CONFIGS["kl5-c1"]["selection_contrast"] == 1.0
@@ -442,15 +444,26 @@ def test_retain_sets_stay_apart_from_every_probe():
     refused, for every probe; the bundled and benchmark retain sets pass."""
     from pathlib import Path
 
+    import re
+
+    from ntkmirror.data import RETAIN_FILES
+
     from benchmarks.quality import CONFIGS
-    from benchmarks.tasks.generate import check_retain_apart, probe_hits
+    from benchmarks.tasks.generate import FOREIGN_WORDS, LONG_WORDS, check_retain_apart, probe_hits
 
     root = Path(__file__).resolve().parents[1]
     named = {c[k] for c in CONFIGS.values() for k in ("retain_set", "contrast_set") if k in c}
-    files = {f for spec in named for f in spec.split("+") if not f.startswith("sampled:") and f != "library"}
+    files = {f for spec in named for f in spec.split("+") if not f.startswith("sampled:") and f not in ("library", "own")}
     assert files >= {"ntkmirror/retain.jsonl", "benchmarks/tasks/retain_facts.jsonl", "benchmarks/tasks/retain_phrases.jsonl"}
-    for f in files | {"ntkmirror/retain.jsonl", "ntkmirror/retain_clauses.jsonl", "benchmarks/tasks/retain_large.jsonl"}:
+    bundled = {f"ntkmirror/{name}" for name in RETAIN_FILES}
+    for f in files | bundled | {"benchmarks/tasks/retain_large.jsonl"}:
         check_retain_apart((root / f).read_text().splitlines(), f)
+    # the two files in the shapes of probes F and H (run 11) hold none of their answers' words either
+    for f, probe in (("retain_codeswitch.jsonl", FOREIGN_WORDS), ("retain_longwords.jsonl", LONG_WORDS)):
+        answers = {re.sub(r"[^\w']", "", c).lower() for _, c in probe}
+        words = {w.lower() for line in (root / "ntkmirror" / f).read_text().splitlines()
+                 for w in re.findall(r"\w+", " ".join(json.loads(line).values()))}
+        assert len(answers) == 32 and not answers & words, f
     for text in ("The capital of Chile is Santiago.", "Once upon a time there was a fox.", "The plural of cat is cats.",
                  "import numpy as np", "She locked the door.", "The Taj Mahal."):
         assert probe_hits([text]), text
