@@ -10,6 +10,7 @@ import pytest
 from conftest import write_jsonl
 from ntkmirror import Controller
 from ntkmirror.cli import main
+from ntkmirror.data import default_retain_examples
 from ntkmirror.fit import FitConfig
 from test_controller import make_controller
 from tiny import tiny_model
@@ -148,7 +149,8 @@ def test_fit_retain_options(tmp_path, capsys, tiny_model_dir, train_file):
     assert code == 0, out
     fit2 = Controller.load(ctrl2).meta["fit"]
     assert fit2["contrast_examples"] == 3 and fit2["retain_samples"] == FitConfig().retain_samples
-    assert 64 < fit2["retain_examples"] <= 64 + FitConfig().retain_samples  # the bundled rows + the model's own texts
+    n = len(default_retain_examples())  # the bundled rows + the model's own texts
+    assert n == 160 and n < fit2["retain_examples"] <= n + FitConfig().retain_samples
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "a", "completion": " b"}\n{"prompt": 3}\n')
     out2 = tmp_path / "d.safetensors"
