@@ -210,20 +210,20 @@ CONFIGS = {
     # run 10e: the library default plus a first-order term, the hinged rise of the KL text's own NLL
     **{k: v for w in (1.0, 3.0, 10.0, 30.0) for k, v in default_variant(f"default-nll{w:g}", retain_nll=w).items()},
     **default_variant("default-nll3-lang", retain_nll=3.0, retain_openers="generic+languages", retain_samples=192),
-    # run 11: the library default with a real pull of every gate towards 0 (l2: weight of mean(s^2), 1e-5 by
+    # run 11: run 8's default with a real pull of every gate towards 0 (l2: weight of mean(s^2), 1e-5 by
     # default; weight_decay: AdamW's decay of the raw gates), against gates the task barely needs drifting
     **{k: v for w in (1.0, 10.0, 100.0) for k, v in default_variant(f"default-l2-{w:g}", l2=w).items()},
     **{k: v for w in (0.1, 0.3) for k, v in default_variant(f"default-wd{w:g}", weight_decay=w).items()},
-    # run 11c: the library default without gates on the last layers (whose output channels reach the logits
+    # run 11c: run 8's default without gates on the last layers (whose output channels reach the logits
     # through the final norm alone: a gate there can act as a bias on every token's logits)
     **{k: v for n in (29, 28, 26, 24) for k, v in default_variant(f"default-first{n}", layers=f"first:{n}").items()},
     **default_variant("default-first26-wd0.1", layers="first:26", weight_decay=0.1),
-    # run 11e: the library's KL text plus 48 sentences in six other languages (written for it, no probe word in
+    # run 11e: run 8's KL text plus 48 sentences in six other languages (written for it, no probe word in
     # them): text with the later pieces of foreign words that probe F leaks on, in real, not model-written, words
     **default_variant("default-langtext", retain_set=RUN8_KL_TEXT + "+benchmarks/tasks/retain_languages.jsonl"),
     **default_variant("default-langtext-nll3", retain_set=RUN8_KL_TEXT + "+benchmarks/tasks/retain_languages.jsonl",
                       retain_nll=3.0),
-    # run 11f: the library's KL text plus 48 English sentences that end in a long word split into pieces
+    # run 11f: run 8's KL text plus 48 English sentences that end in a long word split into pieces
     # (probe H's shape, none of its words or prompts), or 48 that end in a phrase of another language
     # (probe F's shape: an English context, then foreign words; none of F's words or its template), or both
     # (both: the library default since run 11; the two files are bundled with the package now)
@@ -574,7 +574,7 @@ def controller_arm(R, model, tok, name, main, task_names, train, evals, unrelate
                 "peak_mem_mb": peak, "adapt_mem_mb": adapt, "arm": "controller", "fit_config": asdict(cfg)}
     for t in main:
         c = ctrls[t]
-        st = controller_stats(c)  # how far the gates moved: a leak that is second order grows with their norm
+        st = controller_stats(c)  # how far the gates moved (run 11: the probes' leak does not grow with it)
         record(name, t, res[(t,)], **fit_info, gates=c.num_gates, stored_bytes=len(c.to_bytes("safetensors")),
                train_nll_after=c.meta["fit"]["train_nll_after"], gate_l2=st["l2"], saturation=st["saturation"])
         for k in unrelated:
