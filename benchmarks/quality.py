@@ -65,9 +65,8 @@ def default_variant(name: str, seeds=(0, 1, 2), **overrides) -> dict:
 
 CONFIGS = {
     "default": dict(LIBRARY_TEXTS),
-    # the library's default as it stands (fit_controllers' own KL and contrast text; run 11 since 2026-11-25)
-    **{f"library{'' if seed == 0 else f'-s{seed}'}": {"retain_set": "library", "contrast_set": "library", "seed": seed}
-       for seed in (0, 1, 2)},
+    # the library's default as it stands (fit_controllers' own KL and contrast text; run 11's since 2026-11-25)
+    **default_variant("library", retain_set="library"),
     "ctrl-512": {**SEED, "gates": 512},
     "ctrl-5000": SEED,
     "ctrl-all": {**SEED, "gates": -1},
@@ -227,9 +226,10 @@ CONFIGS = {
     # (probe H's shape, none of its words or prompts), or 48 that end in a phrase of another language
     # (probe F's shape: an English context, then foreign words; none of F's words or its template), or both
     # (both: the library default since run 11; the two files are bundled with the package now)
-    **{k: v for tag, files in (("longwords", "retain_longwords"), ("codeswitch", "retain_codeswitch"),
-                               ("both", "retain_longwords.jsonl+ntkmirror/retain_codeswitch"))
-       for k, v in default_variant(f"default-{tag}", retain_set=f"{RUN8_KL_TEXT}+ntkmirror/{files}.jsonl").items()},
+    **{k: v for tag, files in (("longwords", ["retain_longwords"]), ("codeswitch", ["retain_codeswitch"]),
+                               ("both", ["retain_longwords", "retain_codeswitch"]))
+       for k, v in default_variant(f"default-{tag}", retain_set="+".join(
+           [RUN8_KL_TEXT] + [f"ntkmirror/{f}.jsonl" for f in files])).items()},
     # run 10g: per-controller budgets, more gates for the tasks that keep less of LoRA's gain
     **default_variant("default-budgets", task_gates={"addition": 12000, "json_person": 10000, "persona_pirate": 8000,
                                                      "preference_miles": 6000}),
@@ -428,7 +428,7 @@ def fit_texts(name: str, cfg: FitConfig, retain: list, tok, model) -> tuple[FitC
     Without a contrast_set the contrast is the config's retain text, as fit_controllers chose until run 7.
     The library's KL text (fit.kl_text) is made here when it holds the model's own samples, so that
     any sample holding a probe's prompt is dropped, as for `sampled:` sets."""
-    wants_kl = cfg.retain_kl > 0 or cfg.retain_nll > 0 or cfg.pair_kl > 0
+    wants_kl = cfg.uses_retain_text or cfg.pair_kl > 0
     fit_retain = config_retain(name, retain, tok, model) if wants_kl else None
     spec = CONFIGS.get(name, {}).get("retain_set", "")
     if wants_kl and cfg.retain_samples and (spec == "library" or "own" in spec.split("+")):

@@ -56,6 +56,11 @@ class FitConfig:
     pair_kl: float = 0.0  # weight of the same KL under each controller composed with another of its pack
     compile: bool = False  # compile the fit step (compiled_fit): for long GPU fits of larger models / packs
 
+    @property
+    def uses_retain_text(self) -> bool:
+        """A term on the KL text is on for every fit (pair_kl also needs a pack of two or more)."""
+        return self.retain_kl > 0 or self.retain_nll > 0
+
     def check(self) -> "FitConfig":
         """Refuse settings that would fail late, silently do nothing, or never end."""
         for name, lo in (("gates", 1), ("steps", 0), ("batch_size", 1), ("score_batches", 1), ("max_length", 1),
@@ -260,7 +265,7 @@ def fit_controllers(model, tokenizer, datasets: Sequence[Sequence[Example]], con
         contrast = None
     elif contrast is None:
         contrast = default_contrast_examples()
-    wants_kl = cfg.retain_kl > 0 or cfg.retain_nll > 0 or wants_pairs
+    wants_kl = cfg.uses_retain_text or wants_pairs
     retain = kl_text(model, tokenizer, cfg, retain) if wants_kl else None
     use_retain = bool(retain)
 

@@ -206,8 +206,7 @@ def test_quality_run_end_to_end_on_a_tiny_model(tmp_path):
         assert {("base", t), ("ctrl-5000", t), ("lora", t)} <= arms
     ctrl = next(e for e in res["evals"] if e["config"] == "ctrl-5000" and e["task"] == "addition")
     assert ctrl["pack"] == 8 and ctrl["stored_bytes"] > 0 and 0 <= ctrl["exact_match"] <= 1
-    assert ctrl["gate_l2"] > 0 and 0 <= ctrl["saturation"] <= 1  # two steps moved the gates, none to the bound
-    assert ctrl["saturation"] == 0
+    assert ctrl["gate_l2"] > 0 and ctrl["saturation"] == 0  # two steps moved the gates, none to the bound
     assert len(res["pairs"]) == 2 * 6 * 2 and {p["rule"] for p in res["pairs"]} == {"sum", "max"}
     # a config with packs fits each group apart: pairs say whether they were fitted together
     split = {(p["a"], p["b"]): p["same_pack"] for p in res["pairs"] if p["config"] == "kl5-c1-p5-split"}
@@ -405,13 +404,10 @@ def test_config_retain_joins_a_file_and_the_models_own_samples(model, tok, monke
 
 def test_run8_text_plus_a_file_is_that_kl_text_with_the_files_rows(model, tok):
     """retain_set "<run 8's files>+own+file": run 8's bundled rows, the file's rows, then the model's own
-    texts exactly as the library samples them; the languages file shares no word with probe F's answers."""
-    import re
-
+    texts exactly as the library samples them."""
     from ntkmirror.fit import FitConfig, kl_text
 
     from benchmarks import quality
-    from benchmarks.tasks.generate import FOREIGN_WORDS
 
     root = Path(quality.__file__).resolve().parents[1]
     cfg = FitConfig(retain_samples=3, retain_sample_tokens=5, seed=1)
@@ -421,9 +417,6 @@ def test_run8_text_plus_a_file_is_that_kl_text_with_the_files_rows(model, tok):
     assert len(langs) == 48 and len(run8) == 64 and rows[:64] == run8 and rows[64:64 + 48] == langs
     assert rows == quality.without_probes(kl_text(model, tok, cfg, run8 + langs)) and len(rows) > 64 + 48
     assert fit_cfg.retain_samples == 0 and contrast is None  # the samples are in rows; the library's contrast
-    answers = {re.sub(r"[^\w']", "", c).lower() for _, c in FOREIGN_WORDS}
-    words = {w.lower() for ex in langs for w in re.findall(r"\w+", ex.prompt + ex.completion)}
-    assert answers and not answers & words
 
 
 def test_named_configs_pin_every_default_that_changed():
@@ -458,10 +451,11 @@ def test_retain_sets_stay_apart_from_every_probe():
     bundled = {f"ntkmirror/{name}" for name in RETAIN_FILES}
     for f in files | bundled | {"benchmarks/tasks/retain_large.jsonl"}:
         check_retain_apart((root / f).read_text().splitlines(), f)
-    # the two files in the shapes of probes F and H (run 11) hold none of their answers' words either
-    for f, probe in (("retain_codeswitch.jsonl", FOREIGN_WORDS), ("retain_longwords.jsonl", LONG_WORDS)):
+    # the files of run 11 in the languages or shapes of probes F and H hold none of their answers' words either
+    for f, probe in (("ntkmirror/retain_codeswitch.jsonl", FOREIGN_WORDS), ("ntkmirror/retain_longwords.jsonl", LONG_WORDS),
+                     ("benchmarks/tasks/retain_languages.jsonl", FOREIGN_WORDS)):
         answers = {re.sub(r"[^\w']", "", c).lower() for _, c in probe}
-        words = {w.lower() for line in (root / "ntkmirror" / f).read_text().splitlines()
+        words = {w.lower() for line in (root / f).read_text().splitlines()
                  for w in re.findall(r"\w+", " ".join(json.loads(line).values()))}
         assert len(answers) == 32 and not answers & words, f
     for text in ("The capital of Chile is Santiago.", "Once upon a time there was a fox.", "The plural of cat is cats.",
