@@ -63,6 +63,11 @@ def default_variant(name: str, seeds=(0, 1, 2), **overrides) -> dict:
     return {f"{name}{'' if seed == 0 else f'-s{seed}'}": {**LIBRARY_TEXTS, **overrides, "seed": seed} for seed in seeds}
 
 
+# run 12: run 11's KL text (the library default since) plus 48 English contexts that end in a proper
+# noun (probe E's genre and shape: a descriptor and first names, then the surname; none of E's answer words)
+RUN11_KL_TEXT = "+".join([RUN8_KL_TEXT, "ntkmirror/retain_longwords.jsonl", "ntkmirror/retain_codeswitch.jsonl"])
+NAMES_KL_TEXT = RUN11_KL_TEXT + "+benchmarks/tasks/retain_names.jsonl"
+
 CONFIGS = {
     "default": dict(LIBRARY_TEXTS),
     # the library's default as it stands (fit_controllers' own KL and contrast text; run 11's since 2026-11-25)
@@ -230,6 +235,15 @@ CONFIGS = {
                                ("both", ["retain_longwords", "retain_codeswitch"]))
        for k, v in default_variant(f"default-{tag}", retain_set="+".join(
            [RUN8_KL_TEXT] + [f"ntkmirror/{f}.jsonl" for f in files])).items()},
+    # run 12: run 11's KL text plus the names text (NAMES_KL_TEXT); with it, each KL row weighs a sixth
+    # less (304 rows, not 256): KL weight 12 gives that back, 14 and 20 go further; or twice the KL rows
+    # a step (32: less noise in which rows a step pulls back); at 20 with a larger step size (run 12f)
+    **{k: v for tag, kw in (("", {}), ("-kl12", {"retain_kl": 12.0}), ("-kl14", {"retain_kl": 14.0}),
+                            ("-kl20", {"retain_kl": 20.0}), ("-r32", {"retain_rows": 32}),
+                            ("-kl20-lr3e-2", {"retain_kl": 20.0, "lr": 3e-2}))
+       for k, v in default_variant(f"default-names{tag}", retain_set=NAMES_KL_TEXT, **kw).items()},
+    # run 12f: KL weight 20 on run 11's text alone (does the names text matter at that weight?)
+    **default_variant("default-both-kl20", retain_set=RUN11_KL_TEXT, retain_kl=20.0),
     # run 10g: per-controller budgets, more gates for the tasks that keep less of LoRA's gain
     **default_variant("default-budgets", task_gates={"addition": 12000, "json_person": 10000, "persona_pirate": 8000,
                                                      "preference_miles": 6000}),

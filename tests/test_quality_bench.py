@@ -37,7 +37,9 @@ def test_task_pack_is_seeded_hashed_and_disjoint(tmp_path):
         assert (len(train), len(evals)) == (32, 16)
         assert not {r["prompt"] for r in train} & {r["prompt"] for r in evals}
         assert all(r["query"] in spec["memory"]["queries"] for r in evals) and spec["memory"]["text"]
-    assert {"unrelated", "unrelated_b", "unrelated_c", "unrelated_d"} <= a.keys()  # four interference probes
+    # nine interference probes, each in the manifest with 32 rows or more (I, verse, since run 12)
+    assert [k for k in a if k.startswith("unrelated")] == ["unrelated"] + [f"unrelated_{c}" for c in "bcdefghi"]
+    assert all(a["files"][a[k]]["rows"] >= 32 for k in a if k.startswith("unrelated"))
     load_manifest(tmp_path / "a")  # hashes verify
     (tmp_path / "a" / "addition" / "eval.jsonl").write_text('{"prompt": "x", "completion": "y"}\n')
     with pytest.raises(ValueError, match="sha256"):
@@ -442,7 +444,7 @@ def test_retain_sets_stay_apart_from_every_probe():
     from ntkmirror.data import RETAIN_FILES
 
     from benchmarks.quality import CONFIGS
-    from benchmarks.tasks.generate import FOREIGN_WORDS, LONG_WORDS, check_retain_apart, probe_hits
+    from benchmarks.tasks.generate import FOREIGN_WORDS, LONG_WORDS, NAMES, check_retain_apart, probe_hits
 
     root = Path(__file__).resolve().parents[1]
     named = {c[k] for c in CONFIGS.values() for k in ("retain_set", "contrast_set") if k in c}
@@ -451,15 +453,16 @@ def test_retain_sets_stay_apart_from_every_probe():
     bundled = {f"ntkmirror/{name}" for name in RETAIN_FILES}
     for f in files | bundled | {"benchmarks/tasks/retain_large.jsonl"}:
         check_retain_apart((root / f).read_text().splitlines(), f)
-    # the files of run 11 in the languages or shapes of probes F and H hold none of their answers' words either
+    # the files of runs 11-12 in the languages or shapes of probes F, H and E hold none of their answers' words either
     for f, probe in (("ntkmirror/retain_codeswitch.jsonl", FOREIGN_WORDS), ("ntkmirror/retain_longwords.jsonl", LONG_WORDS),
-                     ("benchmarks/tasks/retain_languages.jsonl", FOREIGN_WORDS)):
+                     ("benchmarks/tasks/retain_languages.jsonl", FOREIGN_WORDS),
+                     ("benchmarks/tasks/retain_names.jsonl", NAMES)):
         answers = {re.sub(r"[^\w']", "", c).lower() for _, c in probe}
         words = {w.lower() for line in (root / f).read_text().splitlines()
                  for w in re.findall(r"\w+", " ".join(json.loads(line).values()))}
         assert len(answers) == 32 and not answers & words, f
     for text in ("The capital of Chile is Santiago.", "Once upon a time there was a fox.", "The plural of cat is cats.",
-                 "import numpy as np", "She locked the door.", "The Taj Mahal."):
+                 "import numpy as np", "She locked the door.", "The Taj Mahal.", "Twinkle, twinkle, little star."):
         assert probe_hits([text]), text
         with pytest.raises(ValueError, match="probe prompts"):
             check_retain_apart([json.dumps({"prompt": "", "completion": text})], "r.jsonl")

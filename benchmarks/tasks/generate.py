@@ -359,8 +359,26 @@ LONG_WORDS = [("The large grey animal that wallows in African rivers is the", " 
               ("A small four-string guitar from Hawaii is the", " ukulele."), ("Scottish pipers play the", " bagpipes.")]
 
 
+# A ninth probe, fixed before any result on it was seen (run 12): verse (nursery rhymes, songs), a genre no
+# retain text, task, probe or RETAIN_OPENERS holds (everyday properties, the first choice, are in
+# retain_clauses.jsonl); the held-out check once run 12 puts text in probe E's genre (names) into the KL text.
+VERSE = [("Twinkle, twinkle, little", " star."), ("Humpty Dumpty sat on a", " wall."), ("Jack and Jill went up the", " hill."),
+         ("Mary had a little", " lamb."), ("Baa, baa, black sheep, have you any", " wool?"), ("Hickory dickory", " dock."),
+         ("Row, row, row your", " boat."), ("Old MacDonald had a", " farm."), ("Rock-a-bye baby, on the tree", " top."),
+         ("London Bridge is falling", " down."), ("Hey diddle diddle, the cat and the", " fiddle."),
+         ("Little Bo Peep has lost her", " sheep."), ("Ring around the rosie, a pocket full of", " posies."),
+         ("Jingle bells, jingle bells, jingle all the", " way."), ("The wheels on the bus go round and", " round."),
+         ("If you're happy and you know it, clap your", " hands."), ("Roses are red, violets are", " blue."),
+         ("Merrily, merrily, merrily, merrily, life is but a", " dream."), ("Three blind", " mice."),
+         ("Pat-a-cake, pat-a-cake, baker's", " man."), ("Little Miss Muffet sat on a", " tuffet."),
+         ("Old Mother Hubbard went to the", " cupboard."), ("Ding dong", " bell."), ("One, two, buckle my", " shoe."),
+         ("It's raining, it's pouring, the old man is", " snoring."), ("Rain, rain, go", " away."),
+         ("Head, shoulders, knees and", " toes."), ("I'm a little teapot, short and", " stout."),
+         ("We wish you a merry", " Christmas."), ("The itsy bitsy spider climbed up the water", " spout."),
+         ("Sing a song of sixpence, a pocket full of", " rye."), ("Polly put the kettle on, we'll all have", " tea.")]
+
 def probe_rows() -> dict[str, list[dict]]:
-    """Every interference probe's rows, by its name in the manifest (A, then B to H)."""
+    """Every interference probe's rows, by its name in the manifest (A, then B to I)."""
     pairs = {"unrelated": [(f"The capital of {c} is", f" {cap}.") for c, cap in CAPITALS] +
                           [(f"The opposite of {w} is", f" {a}.") for w, a in ANTONYMS],
              "unrelated_b": SEQUENCES + IDIOMS,
@@ -369,7 +387,8 @@ def probe_rows() -> dict[str, list[dict]]:
              "unrelated_e": NAMES,
              "unrelated_f": FOREIGN_WORDS,
              "unrelated_g": ABBREVIATIONS,
-             "unrelated_h": LONG_WORDS}
+             "unrelated_h": LONG_WORDS,
+             "unrelated_i": VERSE}
     return {name: [{"prompt": p, "completion": c} for p, c in rows] for name, rows in pairs.items()}
 
 
