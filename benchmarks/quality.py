@@ -237,10 +237,11 @@ CONFIGS = {
            [RUN8_KL_TEXT] + [f"ntkmirror/{f}.jsonl" for f in files])).items()},
     # run 12: run 11's KL text plus the names text (NAMES_KL_TEXT); with it, each KL row weighs a sixth
     # less (304 rows, not 256): KL weight 12 gives that back, 14 and 20 go further; or twice the KL rows
-    # a step (32: less noise in which rows a step pulls back); at 20 with a larger step size (run 12f)
+    # a step (32: less noise in which rows a step pulls back); at 20 with a larger step size (run 12f); or the
+    # names in place of half the model's own texts (n48: 256 rows again, F's and H's shapes keep their share)
     **{k: v for tag, kw in (("", {}), ("-kl12", {"retain_kl": 12.0}), ("-kl14", {"retain_kl": 14.0}),
                             ("-kl20", {"retain_kl": 20.0}), ("-r32", {"retain_rows": 32}),
-                            ("-kl20-lr3e-2", {"retain_kl": 20.0, "lr": 3e-2}))
+                            ("-kl20-lr3e-2", {"retain_kl": 20.0, "lr": 3e-2}), ("-n48", {"retain_samples": 48}))
        for k, v in default_variant(f"default-names{tag}", retain_set=NAMES_KL_TEXT, **kw).items()},
     # run 12f: KL weight 20 on run 11's text alone (does the names text matter at that weight?)
     **default_variant("default-both-kl20", retain_set=RUN11_KL_TEXT, retain_kl=20.0),
