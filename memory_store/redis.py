@@ -5,7 +5,9 @@ Keys, namespaced by tenant (ids and tenants are slugs, so ':' cannot occur in th
     {p}:tenants                  SET of tenants
     {p}:t:{tenant}:gen           the tenant's version counter (INCR on every write)
     {p}:t:{tenant}:log           STREAM: one entry per write (op, id, version, sha, time); the
-                                 audit log and the change feed the in-process indices follow
+                                 audit log and the change feed the in-process indices follow,
+                                 trimmed to about log_maxlen entries (a follower whose place in it
+                                 was trimmed away rebuilds from the records)
     {p}:t:{tenant}:ids           SET of ids
     {p}:t:{tenant}:item:{id}     HASH: last -> latest version, v:{n} -> version record (JSON with
                                  base64 embeddings), b:{sha256} -> controller bytes
@@ -24,16 +26,21 @@ from contextlib import contextmanager
 import redis
 from redis.exceptions import RedisError, WatchError
 
-from ntkmirror.errors import NotFound, StoreError
+from ntkmirror.errors import ConfigError, NotFound, StoreError
 
 from .base import validate_id
 from .store import IndexedStore, blob_problems
 
 
 class RedisStore(IndexedStore):
-    def __init__(self, url: str, prefix: str = "ntkm", socket_timeout: float = 30.0, batch: int = 1000, **kwargs):
+    """log_maxlen: entries of each tenant's stream kept (about: Redis trims whole nodes); None keeps all."""
+
+    def __init__(self, url: str, prefix: str = "ntkm", socket_timeout: float = 30.0, batch: int = 1000,
+                 log_maxlen: int | None = 100_000, **kwargs):
+        if log_maxlen is not None and (isinstance(log_maxlen, bool) or not isinstance(log_maxlen, int) or log_maxlen < 1):
+            raise ConfigError(f"log_maxlen must be a positive integer or None, got {log_maxlen!r}")
         super().__init__(**kwargs)
-        self.url, self.prefix, self.batch = url, prefix, batch
+        self.url, self.prefix, self.batch, self.log_maxlen = url, prefix, batch, log_maxlen
         self._where = url.split("@")[-1]  # never echo credentials
         with self._errors():
             self.r = redis.Redis.from_url(url, socket_timeout=socket_timeout, socket_connect_timeout=10)
@@ -59,6 +66,11 @@ class RedisStore(IndexedStore):
 
     def _item_key(self, tenant: str, id: str) -> str:
         return self._k(tenant, "item", id)
+
+    def _log(self, p, tenant: str, op: str, id: str, version: int, sha: str, now: float) -> None:
+        """Queue one change-feed entry on pipeline p; Redis trims the stream as it appends."""
+        p.xadd(self._k(tenant, "log"), {"op": op, "id": id, "version": version, "sha": sha, "time": now},
+               maxlen=self.log_maxlen, approximate=True)
 
     # ------------------------------------------------------------ primitives
     def _records(self, tenant, id):
@@ -94,8 +106,7 @@ class RedisStore(IndexedStore):
                             p.hset(key, f"b:{rec['controller_sha256']}", blob)
                         p.hset(key, mapping={f"v:{rec['version']}": json.dumps(rec), "last": rec["version"]})
                         p.sadd(self._k(tenant, "ids"), id)
-                        p.xadd(self._k(tenant, "log"), {"op": op, "id": id, "version": rec["version"],
-                                                        "sha": rec["controller_sha256"], "time": now})
+                        self._log(p, tenant, op, id, rec["version"], rec["controller_sha256"], now)
                     if any(r is not None for r in results):
                         p.incr(self._k(tenant, "gen"))
                         p.sadd(f"{self.prefix}:tenants", tenant)
@@ -128,8 +139,7 @@ class RedisStore(IndexedStore):
                     p.multi()
                     p.delete(key)
                     p.srem(self._k(tenant, "ids"), id)
-                    p.xadd(self._k(tenant, "log"), {"op": "purge", "id": id, "version": int(last), "sha": "",
-                                                    "time": time.time()})
+                    self._log(p, tenant, "purge", id, int(last), "", time.time())
                     p.incr(self._k(tenant, "gen"))
                     p.execute()
                     return
@@ -176,9 +186,12 @@ class RedisStore(IndexedStore):
                 gen, last = q.execute()
                 return (int(gen or 0), last[0][0].decode() if last else "0-0"), None
             q.xrange(self._k(tenant, "log"), min=f"({cursor[1]}", max="+")
-            gen, entries = q.execute()
+            q.xrange(self._k(tenant, "log"), count=1)  # the oldest entry kept
+            gen, entries, oldest = q.execute()
             if not entries:
                 return (int(gen or 0), cursor[1]), {}
+            if _stream_id(oldest[0][0]) > _stream_id(cursor[1]):  # trimmed past the cursor: changes may be lost
+                return (int(gen or 0), entries[-1][0].decode()), None
             ids = list(dict.fromkeys(e[1][b"id"].decode() for e in entries))
             cur = self._current(tenant, ids)
             return (int(gen or 0), entries[-1][0].decode()), {id: cur.get(id) for id in ids}
@@ -244,3 +257,9 @@ class RedisStore(IndexedStore):
             self.r.close()
         except Exception:
             pass
+
+
+def _stream_id(sid: bytes | str) -> tuple[int, int]:
+    """A stream entry id ("ms-seq") as a comparable pair."""
+    ms, seq = (sid.decode() if isinstance(sid, bytes) else sid).split("-")
+    return int(ms), int(seq)

@@ -316,6 +316,32 @@ def test_two_processes_adding_concurrently_lose_nothing(store_url):
         assert [h.item.id for h in s.search("default", "memory 3 written by p2", fusion="lexical")][0] == "p2-3"
 
 
+def test_redis_feed_trimmed_past_a_followers_place_makes_it_rebuild(redis_url):
+    """Each tenant's change feed is trimmed to about log_maxlen entries: a process whose place in it was
+    trimmed away rebuilds its index from the records instead of missing the writes in between."""
+    import redis as redis_py
+
+    client, log = redis_py.Redis.from_url(redis_url), "ntkm:t:default:log"
+    with RedisStore(redis_url, log_maxlen=10) as writer, RedisStore(redis_url, log_maxlen=10) as follower:
+        writer.put("default", "first", ctrl(0), "the first memory, about gardening")
+        assert [h.item.id for h in follower.search("default", "gardening")] == ["first"]  # its place: entry 1
+        first_entry = client.xrange(log)[0][0]
+        writer.put_many("default", [dict(id=f"m{i}", controller=ctrl(i), text=f"memory {i} about astronomy")
+                                    for i in range(1, 300)])
+        writer.put("default", "m1", ctrl(1), "the trimmed memory, about volcanoes")
+        assert client.xlen(log) < 300 and client.xrange(log, count=1)[0][0] != first_entry  # trimmed past it
+        assert len(follower._index("default")) == 300  # every memory, though most entries are gone
+        assert follower.search("default", "volcanoes", fusion="lexical")[0].item.id == "m1"
+        assert len(writer.history("default", limit=1000)) < 300  # the audit log keeps the latest entries
+    client.close()
+    with RedisStore(redis_url, prefix="all", log_maxlen=None) as s:  # None: every entry kept
+        s.put_many("default", [dict(id=f"m{i}", controller=ctrl(i), text=f"memory {i}") for i in range(150)])
+        assert len(s.history("default", limit=1000)) == 150
+    for bad in (0, -5, 2.5, True, "100"):
+        with pytest.raises(ConfigError, match="log_maxlen"):
+            RedisStore(redis_url, log_maxlen=bad)
+
+
 def test_redis_index_answers_like_the_local_one(tmp_path, redis_url):
     local, red = LocalStore(tmp_path / "m"), RedisStore(redis_url)
     for s in (local, red):
