@@ -151,11 +151,21 @@ def test_fit_retain_options(tmp_path, capsys, tiny_model_dir, train_file):
     assert fit2["contrast_examples"] == 3 and fit2["retain_samples"] == FitConfig().retain_samples
     n = len(default_retain_examples())  # the bundled rows + the model's own texts
     assert n == 160 and n < fit2["retain_examples"] <= n + FitConfig().retain_samples
+    # --retain-add joins the bundled rows (or --retain-file's), once per file given
+    for args, want in ((("--retain-add", retain, "--retain-add", retain), n + 3 + 3),
+                       (("--retain-file", retain, "--retain-add", retain), 3 + 3)):
+        code, out, _ = run(capsys, "fit", "--model", tiny_model_dir, "--train", train_file, "--out", ctrl2, *FAST,
+                           *args, "--retain-samples", "0", "--json")
+        assert code == 0, out
+        assert Controller.load(ctrl2).meta["fit"]["retain_examples"] == want, args
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "a", "completion": " b"}\n{"prompt": 3}\n')
     out2 = tmp_path / "d.safetensors"
     code, _, err = run(capsys, "fit", "--model", tiny_model_dir, "--train", train_file, "--out", out2, *FAST,
                        "--retain-file", bad)
+    assert code != 0 and "bad.jsonl:2" in err and not out2.exists()
+    code, _, err = run(capsys, "fit", "--model", tiny_model_dir, "--train", train_file, "--out", out2, *FAST,
+                       "--retain-add", bad)
     assert code != 0 and "bad.jsonl:2" in err and not out2.exists()
     code, _, err = run(capsys, "fit", "--model", tiny_model_dir, "--train", train_file, "--out", out2, *FAST,
                        "--contrast-file", bad)
