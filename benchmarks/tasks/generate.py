@@ -377,6 +377,7 @@ VERSE = [("Twinkle, twinkle, little", " star."), ("Humpty Dumpty sat on a", " wa
          ("We wish you a merry", " Christmas."), ("The itsy bitsy spider climbed up the water", " spout."),
          ("Sing a song of sixpence, a pocket full of", " rye."), ("Polly put the kettle on, we'll all have", " tea.")]
 
+
 def probe_rows() -> dict[str, list[dict]]:
     """Every interference probe's rows, by its name in the manifest (A, then B to I)."""
     pairs = {"unrelated": [(f"The capital of {c} is", f" {cap}.") for c, cap in CAPITALS] +
