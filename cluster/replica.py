@@ -65,19 +65,22 @@ class Replica:
         self._controllers: OrderedDict[str, Controller] = OrderedDict()  # bytes sha -> parsed, LRU
 
     # ------------------------------------------------------------------ fit
-    def fit_pack(self, items: Sequence[dict], config: FitConfig | dict | None = None) -> list[dict]:
+    def fit_pack(self, items: Sequence[dict], config: FitConfig | dict | None = None,
+                 retain: Sequence[dict] | None = None) -> list[dict]:
         """Fit one controller per item in one batched loop.
 
         An item is {"id", "examples": [row dicts], "meta": {...}} (meta is merged into the
         controller's metadata). Each item is validated and encoded first, so a bad item is
-        returned as an error and the rest of the pack is still fitted. Returns one result per
-        item, in order: {"id", "status": "ok"|"error", "controller": bytes, "data_hash",
-        "gates", "train_nll_before", "train_nll_after", "seconds", "error"}.
+        returned as an error and the rest of the pack is still fitted. `retain`: row dicts of the
+        KL text (default: the library's). Returns one result per item, in order: {"id", "status":
+        "ok"|"error", "controller": bytes, "data_hash", "gates", "train_nll_before",
+        "train_nll_after", "seconds", "error"}.
         """
         from ntkmirror.fit import fit_controllers
 
         self.calls += 1
         cfg = fit_config(config)
+        retain_ex = [example_from_row(r, self.tok, f"retain row {k + 1}") for k, r in enumerate(retain or ())] or None
         results: dict[int, dict] = {}
         good: list[tuple[int, list]] = []
         for i, item in enumerate(items):
@@ -90,7 +93,8 @@ class Replica:
             t0 = time.perf_counter()
             try:
                 cs = fit_controllers(self.model, self.tok, [ex for _, ex in group], cfg, progress=False,
-                                     extra_meta=[dict(items[i].get("meta") or {}) for i, _ in group])
+                                     extra_meta=[dict(items[i].get("meta") or {}) for i, _ in group],
+                                     retain=retain_ex)
             except Exception as e:
                 if len(group) == 1:
                     results[group[0][0]] = _error(items[group[0][0]], e)

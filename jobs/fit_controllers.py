@@ -16,9 +16,11 @@ import time
 from contextlib import nullcontext
 from dataclasses import asdict
 from pathlib import Path
+from typing import Sequence
 
 from memory_store.base import MemoryStore
 from ntkmirror.controller import Controller
+from ntkmirror.data import Example
 from ntkmirror.errors import NotFound, NtkMirrorError
 from ntkmirror.fit import FitConfig
 
@@ -53,8 +55,9 @@ def run_fit_job(manifest: str | Path, store: str | MemoryStore, report: str | Pa
                 pack_size: int = 8, config: FitConfig | None = None, model: str | None = None,
                 dtype: str | None = None, address: str | None = None, num_cpus: int | None = None,
                 cpus_per_replica: float = 1, gpus_per_replica: float | None = None, force: bool = False,
-                progress: bool = True, pool=None) -> dict:
-    """Run the batch fit; return a summary. `pool`: an existing ReplicaPool to use (else one is made)."""
+                progress: bool = True, pool=None, retain: Sequence[Example] | None = None) -> dict:
+    """Run the batch fit; return a summary. `pool`: an existing ReplicaPool to use (else one is made);
+    `retain`: the KL text of every fit (default: the library's, made on each replica)."""
     from cluster.pool import ReplicaPool, ray_session
 
     t0 = time.perf_counter()
@@ -87,7 +90,8 @@ def run_fit_job(manifest: str | Path, store: str | MemoryStore, report: str | Pa
                               f"{sum(r['status'] == 'error' for r in rows.values())} invalid")
                 try:
                     fit_t0, done = time.perf_counter(), 0
-                    for p, results in pool.map("fit_pack", payloads, config=asdict(cfg)):
+                    retain_rows = [ex.to_dict() for ex in retain] if retain else None
+                    for p, results in pool.map("fit_pack", payloads, config=asdict(cfg), retain=retain_rows):
                         for j, k in enumerate(packs[p]):
                             res = results if isinstance(results, BaseException) else results[j]
                             rows[k] = _store(store, items[k], res, force)

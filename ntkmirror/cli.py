@@ -102,6 +102,13 @@ FIT_OPTIONS = dict(
 )
 
 
+# the KL text from files, for every fitting command (data.retain_text)
+RetainFileOpt = typer.Option(None, "--retain-file", help="JSONL of text to keep close to the base model "
+                                                         "(default: the bundled set)")
+RetainAddOpt = typer.Option(None, "--retain-add", help="JSONL added to that text (repeatable): the bundled set "
+                                                       "or --retain-file stays")
+
+
 @app.command()
 def fit(
     train: Path = typer.Option(..., "--train", help="training JSONL"),
@@ -120,10 +127,7 @@ def fit(
     retain_samples: int = FIT_OPTIONS["retain_samples"],
     compile_fit: bool = typer.Option(False, "--compile", help="torch.compile the fit step: for long GPU fits of "
                                                                "larger models (the compile costs tens of seconds)"),
-    retain_file: Optional[Path] = typer.Option(None, "--retain-file", help="JSONL of text to keep close to the base "
-                                                                           "model (default: the bundled set)"),
-    retain_add: Optional[list[Path]] = typer.Option(None, "--retain-add", help="JSONL added to that text (repeatable): "
-                                                                               "the bundled set or --retain-file stays"),
+    retain_file: Optional[Path] = RetainFileOpt, retain_add: Optional[list[Path]] = RetainAddOpt,
     contrast_file: Optional[Path] = typer.Option(None, "--contrast-file", help="JSONL whose channels gate selection "
                                                                                "avoids (default: the bundled 32 rows)"),
     retain_tokens: str = typer.Option("completion", "--retain-tokens", help="KL on the retain rows' completion "
@@ -134,7 +138,7 @@ def fit(
                                                   "weight of its saliency subtracted at selection (0: off)"),
 ):
     """Fit a controller on teacher-forced examples and save it."""
-    from .data import default_retain_examples, load_jsonl_examples
+    from .data import load_jsonl_examples, retain_text
     from .fit import fit_controller
     from .gates import parse_layers
     from .models import find_decoder_layers
@@ -148,9 +152,7 @@ def fit(
     parse_layers(layers, len(find_decoder_layers(m)[1]))  # fail before any work
     train_ex = load_jsonl_examples(train, tok)
     val_ex = load_jsonl_examples(validation, tok) if validation else None
-    retain_ex = load_jsonl_examples(retain_file, tok) if retain_file else None
-    if retain_add:
-        retain_ex = (retain_ex or default_retain_examples()) + [ex for f in retain_add for ex in load_jsonl_examples(f, tok)]
+    retain_ex = retain_text(retain_file, retain_add or (), tok)
     contrast_ex = load_jsonl_examples(contrast_file, tok) if contrast_file else None
     c = fit_controller(m, tok, train_ex, cfg, val_ex, progress=not as_json, retain=retain_ex, contrast=contrast_ex)
     c.save(out_path)

@@ -37,6 +37,7 @@ from memory_store.base import MemoryStore  # noqa: E402
 from ntkmirror import Controller, FitConfig  # noqa: E402
 from ntkmirror.cli import main  # noqa: E402
 from ntkmirror.data import data_hash, example_from_row  # noqa: E402
+from ntkmirror.errors import DataError  # noqa: E402
 
 pytestmark = pytest.mark.ray
 
@@ -184,6 +185,21 @@ def test_replica_fit_pack_isolates_a_bad_item(tiny_model_dir):
     assert out[0]["train_nll_after"] < out[0]["train_nll_before"]
 
 
+def test_replica_fits_a_pack_on_the_callers_kl_text(tiny_model_dir):
+    """fit_pack's `retain` rows are the KL text of every controller of the pack; a bad row fails the call
+    with its place."""
+    r = Replica(str(tiny_model_dir))
+    cfg = {"gates": 24, "steps": 4, "score_batches": 2, "batch_size": 4, "retain_samples": 0}
+    retain = [{"prompt": "The sky is", "completion": " blue."}, {"prompt": "", "completion": "Good morning."},
+              {"prompt": "One, two,", "completion": " three."}]
+    out = r.fit_pack([{"id": "a", "examples": arithmetic_rows(6, seed=1)}], cfg, retain=retain)
+    assert out[0]["status"] == "ok" and Controller.from_bytes(out[0]["controller"]).meta["fit"]["retain_examples"] == 3
+    bundled = Controller.from_bytes(r.fit_pack([{"id": "a", "examples": arithmetic_rows(6, seed=1)}], cfg)[0]["controller"])
+    assert bundled.meta["fit"]["retain_examples"] == 160  # without `retain`: the library's bundled set
+    with pytest.raises(DataError, match="retain row 2"):
+        r.fit_pack([{"id": "a", "examples": arithmetic_rows(6, seed=1)}], cfg, retain=[retain[0], {"prompt": 3}])
+
+
 def test_cli_rejects_a_missing_manifest_and_writes_nothing(tmp_path, capsys):
     code = main(["jobs", "fit", "--manifest", str(tmp_path / "none.jsonl"), "--store", str(tmp_path / "store"),
                  "--report", str(tmp_path / "r.parquet")])
@@ -192,6 +208,13 @@ def test_cli_rejects_a_missing_manifest_and_writes_nothing(tmp_path, capsys):
     code = main(["jobs", "fit", "--manifest", str(tmp_path / "none.jsonl"), "--store", str(tmp_path / "store"),
                  "--report", str(tmp_path / "r.parquet"), "--retain-samples", "-1"])  # refused before any work
     assert code == 2 and "retain_samples" in capsys.readouterr().err and not (tmp_path / "store").exists()
+    manifest = write_manifest(tmp_path / "m.jsonl", manifest_rows(2, tmp_path))
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "a", "completion": " b"}\n{"prompt": 3}\n')
+    code = main(["jobs", "fit", "--manifest", str(manifest), "--store", str(tmp_path / "store"),
+                 "--report", str(tmp_path / "r.parquet"), "--retain-add", str(bad)])  # refused before Ray starts
+    assert code != 0 and "bad.jsonl:2" in capsys.readouterr().err
+    assert not (tmp_path / "r.parquet").exists() and not (tmp_path / "store").exists()
 
 
 # ---------------------------------------------------------------- on Ray
@@ -240,6 +263,22 @@ def test_batch_fit_into_local_and_redis_stores_rerun_skips(pool, tmp_path, redis
         assert [r["status"] for r in pq.read_table(report).to_pylist()].count("skipped") == 8
         with MemoryStore.from_url(url) as store:
             stored_exactly_once(store, good)
+
+
+def test_batch_fit_takes_the_callers_kl_text(pool, tmp_path):
+    """run_fit_job's `retain` reaches every replica: the stored controllers were fitted on that KL text."""
+    from ntkmirror.data import retain_text
+
+    rows = manifest_rows(2, tmp_path, tenant="kl")
+    extra = write_jsonl(tmp_path / "extra.jsonl", [{"prompt": "The sky is", "completion": " blue."}] * 2)
+    retain = retain_text(None, [extra])  # the bundled set plus the file
+    s = run_fit_job(write_manifest(tmp_path / "m.jsonl", rows), str(tmp_path / "store"), tmp_path / "r.parquet",
+                    replicas=2, pack_size=1, config=replace(CFG, retain_samples=0), pool=pool, progress=False,
+                    retain=retain)
+    assert s["ok"] == 2, s
+    with MemoryStore.from_url(str(tmp_path / "store")) as store:
+        for row in rows:
+            assert store.get_controller("kl", row["id"]).meta["fit"]["retain_examples"] == 160 + 2
 
 
 def test_replicas_dying_mid_job_lose_nothing_and_store_once(pool, tmp_path, redis_url):
