@@ -176,7 +176,8 @@ class Ingress:
         if body.id not in {i["id"] for i in current} and len(current) >= quotas.max_memories:
             raise QuotaError(f"memory quota reached ({quotas.max_memories} memories); delete some first")
         spec = {"id": body.id, "text": body.text, "tags": body.all_tags(), "metadata": body.metadata,
-                "examples": [e.model_dump() for e in body.examples], "fit": spec_fit}
+                "examples": [e.model_dump() for e in body.examples], "fit": spec_fit,
+                "retain": [e.model_dump() for e in body.retain] if body.retain else None}
         digest = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()  # what a retry must repeat
         spec["max_memories"] = quotas.max_memories
         job, created = await asyncio.to_thread(self.jobs.create, tenant, body.id, idempotency_key, digest)

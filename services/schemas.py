@@ -102,14 +102,17 @@ class MemoryCreate(Strict):
     format: Literal["safetensors", "pt"] = "safetensors"
     examples: Optional[list[ExampleIn]] = Field(None, min_length=1, max_length=10_000)
     fit: Optional[FitParams] = None
+    retain: Optional[list[ExampleIn]] = Field(None, min_length=1, max_length=2048,
+                                              description="text the fit keeps the model's outputs on, added to the "
+                                                          "bundled KL text (e.g. like this tenant's other traffic)")
     allow_model_mismatch: bool = False
 
     @model_validator(mode="after")
     def _one_source(self):
         if (self.controller is None) == (self.examples is None):
             raise ValueError("give exactly one of 'controller' (base64 file) or 'examples' (fit a new one)")
-        if self.fit is not None and self.examples is None:
-            raise ValueError("'fit' options apply only with 'examples'")
+        if (self.fit is not None or self.retain is not None) and self.examples is None:
+            raise ValueError("'fit' options and 'retain' apply only with 'examples'")
         return self
 
     def all_tags(self) -> list[str]:
