@@ -118,14 +118,18 @@ def default_retain_examples() -> list[Example]:
     return [ex for name in RETAIN_FILES for ex in load_jsonl_examples(Path(__file__).with_name(name))]
 
 
+def retain_with(base: Sequence[Example] | None, added: Sequence[Example]) -> list[Example] | None:
+    """The caller's KL text: `base` (None: the bundled set) then `added`. None when both are empty:
+    fit.kl_text then uses the bundled set (the model's own texts join it either way)."""
+    if not added:
+        return None if base is None else list(base)
+    return [*(default_retain_examples() if base is None else base), *added]
+
+
 def retain_text(file: Path | None = None, added: Sequence[Path] = (), tokenizer=None) -> list[Example] | None:
-    """A caller's KL text from files (the CLIs' --retain-file / --retain-add): `file`'s rows, or the
-    bundled set when only `added` is given, then every `added` file's rows. None when neither is
-    given: fit.kl_text then uses the bundled set (the model's own texts join it either way)."""
-    if file is None and not added:
-        return None
-    rows = load_jsonl_examples(file, tokenizer) if file is not None else default_retain_examples()
-    return rows + [ex for f in added for ex in load_jsonl_examples(f, tokenizer)]
+    """retain_with from files (the CLIs' --retain-file / --retain-add)."""
+    return retain_with(load_jsonl_examples(file, tokenizer) if file is not None else None,
+                       [ex for f in added for ex in load_jsonl_examples(f, tokenizer)])
 
 
 def default_contrast_examples() -> list[Example]:

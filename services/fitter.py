@@ -18,7 +18,7 @@ import time
 
 from ray import serve
 
-from ntkmirror.data import Example, default_retain_examples
+from ntkmirror.data import Example, retain_with
 from ntkmirror.errors import ConfigError, NotFound, NtkMirrorError
 from ntkmirror.fit import FitConfig, fit_controller
 
@@ -90,9 +90,8 @@ class Fitter:
                             for i, e in enumerate(spec["examples"])]
                 cfg = FitConfig(**spec["fit"])
                 added = [Example(e["prompt"], e["completion"], f"retain[{i}]") for i, e in enumerate(spec.get("retain") or ())]
-                retain = default_retain_examples() + added if added else None  # None: the library's KL text
                 controller = await asyncio.to_thread(fit_controller, self.model, self.tok, examples, cfg, None, False,
-                                                     retain=retain)
+                                                     retain=retain_with(None, added))
                 controller = controller.with_meta(job_id=job_id)
                 item = await result(self.retrieval.put.remote(tenant, spec["id"], controller, spec["text"],
                                                               spec["tags"], spec["metadata"], spec["max_memories"]))
