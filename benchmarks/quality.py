@@ -245,6 +245,13 @@ CONFIGS = {
        for k, v in default_variant(f"default-names{tag}", retain_set=NAMES_KL_TEXT, **kw).items()},
     # run 12f: KL weight 20 on run 11's text alone (does the names text matter at that weight?)
     **default_variant("default-both-kl20", retain_set=RUN11_KL_TEXT, retain_kl=20.0),
+    # run 13: run 11's default (and with the names text, or at KL weight 20) with the step size decayed to 0
+    # over the fit (cosine): the gates end where the loss is low on average, not where the last noisy steps
+    # (16 KL rows, 8 task rows) left them; "-lr3e-2" starts higher, for the same distance covered
+    **{k: v for tag, kw in (("", {}), ("-kl20", {"retain_kl": 20.0}), ("-lr3e-2", {"lr": 3e-2}))
+       for k, v in default_variant(f"default-both-cos{tag}", retain_set=RUN11_KL_TEXT, lr_schedule="cosine",
+                                   **kw).items()},
+    **default_variant("default-names-cos", retain_set=NAMES_KL_TEXT, lr_schedule="cosine"),
     # run 10g: per-controller budgets, more gates for the tasks that keep less of LoRA's gain
     **default_variant("default-budgets", task_gates={"addition": 12000, "json_person": 10000, "persona_pirate": 8000,
                                                      "preference_miles": 6000}),

@@ -27,11 +27,22 @@ from .objective import compiled_head_loss, group_means, supervised_logits, token
 from .selection import contrast_scores, random_scores, saliency_scores, top_gates
 
 
+LR_SCHEDULES = ("constant", "cosine")
+
+
+def lr_factor(schedule: str, step: int, steps: int) -> float:
+    """The multiple of lr used at `step` (0-based) of `steps`."""
+    if schedule == "cosine":
+        return 0.5 * (1 + math.cos(math.pi * step / max(steps, 1)))
+    return 1.0
+
+
 @dataclass
 class FitConfig:
     gates: int = 10000  # with the model's own texts in the KL text (run 8): room to fit the task as well
     steps: int = 240
     lr: float = 2e-2  # lr, max_log_gate, retain_kl, selection_contrast, ...: measured together in docs/results.md
+    lr_schedule: str = "constant"  # "constant", or "cosine": lr decays to 0 over `steps` (fewer noisy last steps)
     max_log_gate: float = 0.2
     layers: str = "all"
     score_batches: int = 16
@@ -77,6 +88,8 @@ class FitConfig:
         opener_kinds(self.retain_openers)
         if self.retain_tokens not in ("completion", "all"):
             raise ConfigError(f"retain_tokens must be completion or all, got {self.retain_tokens!r}")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ConfigError(f"lr_schedule must be one of {', '.join(LR_SCHEDULES)}, got {self.lr_schedule!r}")
         if self.score not in ("abs", "coherent", "random"):
             raise ConfigError(f"score must be abs, coherent or random, got {self.score!r}")
         return self
@@ -300,6 +313,7 @@ def fit_controllers(model, tokenizer, datasets: Sequence[Sequence[Example]], con
     best_val, best_raw, stale = [float("inf")] * C, gates.raw.detach().clone(), 0
     eval_every = cfg.eval_every or max(1, cfg.steps // 10)
     opt = torch.optim.AdamW([gates.raw], lr=cfg.lr, weight_decay=cfg.weight_decay)
+    schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: lr_factor(cfg.lr_schedule, step, cfg.steps))
     samplers = [BatchSampler(len(e), cfg.batch_size, cfg.seed + 1) for e in enc]
     if use_retain:
         retain_sampler = BatchSampler(len(retain_enc), cfg.retain_rows, cfg.seed + 2)
@@ -316,6 +330,7 @@ def fit_controllers(model, tokenizer, datasets: Sequence[Sequence[Example]], con
                 partners = partners.to(device)
             loss_c = train_step(model, gates, opt, batch.to(device), row_ctrl.to(device), cfg.l2, retain_batch,
                                 cfg.retain_kl, partners, cfg.pair_kl, cfg.retain_nll)
+            schedule.step()
             steps_run = step + 1
             if progress and step % 10 == 0:  # .item() waits for the GPU: not every step
                 bar.set_postfix(loss=f"{loss_c.mean().item():.4f}")
