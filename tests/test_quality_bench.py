@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 from ntkmirror.controller import Controller
 from ntkmirror.data import Example, collate, encode_all, load_jsonl_examples, pad_id
+from ntkmirror.errors import ConfigError
 from ntkmirror.fit import FitConfig, fit_controllers
 from ntkmirror.gates import attach
 from ntkmirror.objective import supervised_logits, token_losses
@@ -62,12 +63,18 @@ def test_random_selection_is_a_seeded_control(model, tok):
     assert torch.equal(rnd.keys(), rnd2.keys())
 
 
-def _retain_kl(model, tok, ctrl: Controller, examples) -> float:
+def _token_kl(model, tok, ctrl: Controller, examples) -> torch.Tensor:
+    """KL(base || gated) at each completion token of examples, computed here from the logits."""
     batch = collate(encode_all(tok, examples, 256, True), pad_id(tok))
-    base = F.log_softmax(supervised_logits(model, batch)[0], -1)
-    with attach(model, ctrl):
-        gated = F.log_softmax(supervised_logits(model, batch)[0], -1)
-    return float((base.exp() * (base - gated)).sum(-1).mean())
+    with torch.no_grad():
+        base = F.log_softmax(supervised_logits(model, batch)[0], -1)
+        with attach(model, ctrl):
+            gated = F.log_softmax(supervised_logits(model, batch)[0], -1)
+    return (base.exp() * (base - gated)).sum(-1)
+
+
+def _retain_kl(model, tok, ctrl: Controller, examples) -> float:
+    return float(_token_kl(model, tok, ctrl, examples).mean())
 
 
 def test_retain_kl_keeps_unrelated_text_closer_to_base(model, tok):
@@ -108,6 +115,39 @@ def test_retain_divergence_measures_kl_and_the_rise_of_the_texts_own_nll(model, 
                                                            retain) - base, abs=1e-4)
         assert float(kl[c]) == pytest.approx(_retain_kl(model, tok, gates.controller(c, n_layers=L, hidden_size=H),
                                                         retain), abs=1e-4)
+
+
+def test_kl_power_mean_leans_on_the_tokens_moved_most(model, tok):
+    """retain_kl_power p: the KL term is (mean KL^p)^(1/p) over each controller's retain tokens; at
+    the base model (every KL 0) its gradient is finite; and a fit with it holds the worst token down."""
+    from ntkmirror.fit import PackedGates, retain_divergence
+
+    retain = [Example("", "The quick brown fox jumps over the lazy dog."), Example("Hello", " world! user assistant")]
+    batch = collate(encode_all(tok, retain, 256, True), pad_id(tok))
+    L, H = model.config.num_hidden_layers, model.config.hidden_size
+    chans = [torch.arange(0, H, 2), torch.arange(1, H, 2)]
+    gates = PackedGates([torch.zeros(len(c), dtype=torch.long) + 1 for c in chans], chans, H, 0.5, "cpu")
+    kl, _ = retain_divergence(model, gates, batch, kl_power=2.0)
+    kl.sum().backward()
+    assert torch.isfinite(gates.raw.grad).all()
+    with torch.no_grad():
+        gates.raw.copy_(torch.randn(gates.raw.shape, generator=torch.Generator().manual_seed(0)))
+        mean_kl, _ = retain_divergence(model, gates, batch)
+        for p in (2.0, 4.0):
+            kl_p, _ = retain_divergence(model, gates, batch, kl_power=p)
+            for c in range(2):
+                k = _token_kl(model, tok, gates.controller(c, n_layers=L, hidden_size=H), retain)
+                assert float(kl_p[c]) == pytest.approx(float(k.pow(p).mean() ** (1 / p)), rel=1e-3)
+                assert float(kl_p[c]) > 1.01 * float(mean_kl[c])  # the tokens do not all move alike
+    train = [Example(**r) for r in arithmetic_rows(16, seed=1)]
+    cfg = dict(gates=64, steps=25, batch_size=4, score_batches=2, lr=5e-2, max_log_gate=0.5, retain_rows=2,
+               retain_samples=0, retain_kl=2.0, selection_contrast=0.0)
+    flat, tail = (fit_controllers(model, tok, [train], FitConfig(**cfg, retain_kl_power=p), progress=False,
+                                  retain=retain)[0] for p in (1.0, 4.0))
+    assert tail.meta["fit"]["retain_kl_power"] == 4.0
+    assert _token_kl(model, tok, tail, retain).max() < 0.8 * _token_kl(model, tok, flat, retain).max()
+    with pytest.raises(ConfigError, match="retain_kl_power"):
+        FitConfig(retain_kl_power=0.5).check()
 
 
 def test_retain_nll_keeps_the_retain_texts_nll_from_rising(model, tok):
