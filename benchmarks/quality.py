@@ -256,6 +256,9 @@ CONFIGS = {
     # the leak sits on few tokens (names' surnames, later pieces of split words), which a mean dilutes
     **{k: v for p in (2, 4) for k, v in default_variant(f"default-both-p{p}", retain_set=RUN11_KL_TEXT,
                                                          retain_kl_power=float(p)).items()},
+    # run 13c: run 11's default with run 10's first-order term (retain_nll; tried on run 8's KL text only)
+    **{k: v for w in (3, 10) for k, v in default_variant(f"default-both-nll{w}", retain_set=RUN11_KL_TEXT,
+                                                          retain_nll=float(w)).items()},
     # run 10g: per-controller budgets, more gates for the tasks that keep less of LoRA's gain
     **default_variant("default-budgets", task_gates={"addition": 12000, "json_person": 10000, "persona_pirate": 8000,
                                                      "preference_miles": 6000}),
