@@ -259,6 +259,10 @@ CONFIGS = {
     # run 13c: run 11's default with run 10's first-order term (retain_nll; tried on run 8's KL text only)
     **{k: v for w in (3, 10) for k, v in default_variant(f"default-both-nll{w}", retain_set=RUN11_KL_TEXT,
                                                           retain_nll=float(w)).items()},
+    # run 13d: three more fit seeds (3-5) of run 11's default and of it with retain_nll 3: the 3-seed means differ
+    # by less than one seed's spread
+    **default_variant("default-both", seeds=(3, 4, 5), retain_set=RUN11_KL_TEXT),
+    **default_variant("default-both-nll3", seeds=(3, 4, 5), retain_set=RUN11_KL_TEXT, retain_nll=3.0),
     # run 10g: per-controller budgets, more gates for the tasks that keep less of LoRA's gain
     **default_variant("default-budgets", task_gates={"addition": 12000, "json_person": 10000, "persona_pirate": 8000,
                                                      "preference_miles": 6000}),
