@@ -48,7 +48,7 @@ from .tasks.generate import PROBES, load_manifest, probe_hits
 # with the manifest's retain.jsonl (the bundled 32 rows) for both the KL and the contrast.
 # gates=-1: every channel of every gated layer.
 SEED = {"lr": 5e-3, "max_log_gate": 0.05, "retain_kl": 0.0, "selection_contrast": 0.0, "retain_rows": 4, "gates": 5000,
-        "retain_samples": 0}
+        "retain_samples": 0, "retain_nll": 0.0}
 STRONG = {**SEED, "lr": 2e-2, "max_log_gate": 0.2}
 # "-c1b" configs: gates chosen away from the bundled 32 rows, whatever text the KL is taken on
 C1B = {**STRONG, "selection_contrast": 1.0, "contrast_set": "ntkmirror/retain.jsonl"}
@@ -56,11 +56,13 @@ C1B = {**STRONG, "selection_contrast": 1.0, "contrast_set": "ntkmirror/retain.js
 # rows of then, then the model's own texts as the library samples them ("own"); the library's own contrast
 RUN8_KL_TEXT = "ntkmirror/retain.jsonl+ntkmirror/retain_clauses.jsonl+own"
 LIBRARY_TEXTS = {"retain_set": RUN8_KL_TEXT, "contrast_set": "library"}
+# the run-8 default: those texts, and the fields the library default changed since (run 13: retain_nll 0 -> 3)
+RUN8 = {**LIBRARY_TEXTS, "retain_nll": 0.0}
 
 
-def default_variant(name: str, seeds=(0, 1, 2), **overrides) -> dict:
-    """The run-8 default with `overrides`, one config per fit seed: `name`, `name-s1`, `name-s2`."""
-    return {f"{name}{'' if seed == 0 else f'-s{seed}'}": {**LIBRARY_TEXTS, **overrides, "seed": seed} for seed in seeds}
+def default_variant(name: str, seeds=(0, 1, 2), base=RUN8, **overrides) -> dict:
+    """The run-8 default (or `base`) with `overrides`, one config per fit seed: `name`, `name-s1`, `name-s2`."""
+    return {f"{name}{'' if seed == 0 else f'-s{seed}'}": {**base, **overrides, "seed": seed} for seed in seeds}
 
 
 # run 12: run 11's KL text (the library default since) plus 48 English contexts that end in a proper
@@ -69,9 +71,10 @@ RUN11_KL_TEXT = "+".join([RUN8_KL_TEXT, "ntkmirror/retain_longwords.jsonl", "ntk
 NAMES_KL_TEXT = RUN11_KL_TEXT + "+benchmarks/tasks/retain_names.jsonl"
 
 CONFIGS = {
-    "default": dict(LIBRARY_TEXTS),
-    # the library's default as it stands (fit_controllers' own KL and contrast text; run 11's since 2026-11-25)
-    **default_variant("library", retain_set="library"),
+    "default": dict(RUN8),
+    # the library's default as it stands: FitConfig() with fit_controllers' own KL and contrast text (run 11's
+    # text since 2026-11-25, retain_nll 3 since run 13)
+    **default_variant("library", base={}, retain_set="library", contrast_set="library"),
     "ctrl-512": {**SEED, "gates": 512},
     "ctrl-5000": SEED,
     "ctrl-all": {**SEED, "gates": -1},

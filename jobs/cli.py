@@ -56,14 +56,14 @@ def fit(
     max_length: int = FIT_OPTIONS["max_length"], seed: int = FIT_OPTIONS["seed"], score: str = FIT_OPTIONS["score"],
     no_eos: bool = FIT_OPTIONS["no_eos"], eval_every: int = FIT_OPTIONS["eval_every"],
     patience: int = FIT_OPTIONS["patience"], retain_kl: float = FIT_OPTIONS["retain_kl"],
-    retain_samples: int = FIT_OPTIONS["retain_samples"],
+    retain_samples: int = FIT_OPTIONS["retain_samples"], retain_nll: float = FIT_OPTIONS["retain_nll"],
     retain_file: Optional[Path] = RetainFileOpt, retain_add: Optional[List[Path]] = RetainAddOpt,
 ):
     """Fit one controller per manifest row over a replica pool and store them (reruns skip done items)."""
     from ntkmirror.data import retain_text
 
     cfg = fit_config(gates, steps, lr, max_log_gate, layers, score_batches, batch_size, max_length, seed, score,
-                     no_eos, eval_every, patience, retain_kl, retain_samples)
+                     no_eos, eval_every, patience, retain_kl, retain_samples, retain_nll)
     if replicas < 1 or pack_size < 1:
         raise ConfigError("--replicas and --pack-size must be at least 1")
     retain = retain_text(retain_file, retain_add or ())  # read (and refused, file:line) before any work

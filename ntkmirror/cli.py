@@ -62,7 +62,7 @@ class _null:
 
 
 def fit_config(gates, steps, lr, max_log_gate, layers, score_batches, batch_size, max_length, seed, score,
-               no_eos, eval_every, patience, retain_kl=None, retain_samples=None):
+               no_eos, eval_every, patience, retain_kl=None, retain_samples=None, retain_nll=None):
     from .fit import FitConfig
 
     for name, v in (("gates", gates), ("steps", steps), ("batch-size", batch_size), ("max-length", max_length),
@@ -77,7 +77,8 @@ def fit_config(gates, steps, lr, max_log_gate, layers, score_batches, batch_size
                      score_batches=score_batches, batch_size=batch_size, max_length=max_length, seed=seed,
                      score=score, add_eos=not no_eos, eval_every=eval_every, patience=patience,
                      **({} if retain_kl is None else {"retain_kl": retain_kl}),
-                     **({} if retain_samples is None else {"retain_samples": retain_samples})).check()
+                     **({} if retain_samples is None else {"retain_samples": retain_samples}),
+                     **({} if retain_nll is None else {"retain_nll": retain_nll})).check()
 
 
 # Option declarations reused by every command that fits (fit, memory add, jobs fit).
@@ -99,6 +100,9 @@ FIT_OPTIONS = dict(
                                                      "retain file) and the model's own samples (0: off)"),
     retain_samples=typer.Option(96, "--retain-samples", help="short texts the model writes itself, added to the "
                                                              "KL text (0: none)"),
+    retain_nll=typer.Option(3.0, "--retain-nll", help="weight of the rise of the KL text's own NLL, a first-order "
+                                                       "term beside the KL (0: off; with --retain-kl 0: the seed "
+                                                       "objective)"),
 )
 
 
@@ -124,7 +128,7 @@ def fit(
     max_length: int = FIT_OPTIONS["max_length"], seed: int = FIT_OPTIONS["seed"], score: str = FIT_OPTIONS["score"],
     no_eos: bool = FIT_OPTIONS["no_eos"], eval_every: int = FIT_OPTIONS["eval_every"],
     patience: int = FIT_OPTIONS["patience"], retain_kl: float = FIT_OPTIONS["retain_kl"],
-    retain_samples: int = FIT_OPTIONS["retain_samples"],
+    retain_samples: int = FIT_OPTIONS["retain_samples"], retain_nll: float = FIT_OPTIONS["retain_nll"],
     compile_fit: bool = typer.Option(False, "--compile", help="torch.compile the fit step: for long GPU fits of "
                                                                "larger models (the compile costs tens of seconds)"),
     retain_file: Optional[Path] = RetainFileOpt, retain_add: Optional[list[Path]] = RetainAddOpt,
@@ -144,7 +148,7 @@ def fit(
     from .models import find_decoder_layers
 
     cfg = fit_config(gates, steps, lr, max_log_gate, layers, score_batches, batch_size, max_length, seed, score,
-                     no_eos, eval_every, patience, retain_kl, retain_samples)
+                     no_eos, eval_every, patience, retain_kl, retain_samples, retain_nll)
     cfg.compile, cfg.retain_tokens, cfg.retain_rows = compile_fit, retain_tokens, retain_rows
     cfg.selection_contrast = selection_contrast
     cfg.check()  # before the model loads

@@ -64,7 +64,7 @@ class FitConfig:
     retain_openers: str = "generic"  # where those texts start (evaluate.retain_openers): generic, none, vocab, languages
     retain_tokens: str = "completion"  # where the KL is taken: "completion" tokens or "all" tokens of a row
     retain_kl_power: float = 1.0  # the KL term is the power mean (mean KL^p)^(1/p) over tokens: p > 1 leans on the worst
-    retain_nll: float = 0.0  # weight of the rise of the KL text's own NLL (hinged at 0), a first-order term
+    retain_nll: float = 3.0  # weight of the rise of the KL text's own NLL (hinged at 0), a first-order term (run 13)
     pair_kl: float = 0.0  # weight of the same KL under each controller composed with another of its pack
     compile: bool = False  # compile the fit step (compiled_fit): for long GPU fits of larger models / packs
 

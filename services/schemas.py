@@ -74,6 +74,8 @@ class FitParams(Strict):
     add_eos: bool = _FIT.add_eos
     retain_kl: float = Field(_FIT.retain_kl, ge=0, le=100,
                              description="KL-to-base weight on the bundled retain set and the model's own samples")
+    retain_nll: float = Field(_FIT.retain_nll, ge=0, le=100,
+                              description="weight of the rise of the KL text's own NLL, a first-order term beside the KL")
     retain_samples: int = Field(_FIT.retain_samples, ge=0, le=1024,
                                 description="short texts the model writes itself, added to the KL text")
     selection_contrast: float = Field(_FIT.selection_contrast, ge=0, le=100,

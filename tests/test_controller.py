@@ -118,7 +118,8 @@ def test_tokenizer_mismatch_refused_unless_allowed(tmp_path, model, tok):
     from tiny import arithmetic_rows
 
     c = fit_controller(model, tok, [example_from_row(r) for r in arithmetic_rows(8)],
-                       FitConfig(gates=8, steps=1, batch_size=4, score_batches=1, retain_kl=0.0), progress=False)
+                       FitConfig(gates=8, steps=1, batch_size=4, score_batches=1, retain_kl=0.0, retain_nll=0.0),
+                       progress=False)
     assert c.meta["tokenizer_fingerprint"] == tokenizer_fingerprint(tok) and c.meta["eos_token_id"] == tok.eos_token_id
     assert c.check_model(model, tokenizer=tok) is c
     other = copy.deepcopy(tok)

@@ -97,7 +97,7 @@ def test_selection_contrast_moves_gates_off_generic_channels(model, tok):
     retain = [Example("", "The quick brown fox jumps over the lazy dog."), Example("Hello", " world, how are you?"),
               Example("Question: what is 2 + 2?\nAnswer:", " 4")]
     sets = [examples(16, 1), [Example(e.prompt, e.completion.upper()) for e in examples(16, 2)]]
-    kw = dict(gates=24, steps=0, score_batches=2, batch_size=8, retain_kl=0.0)
+    kw = dict(gates=24, steps=0, score_batches=2, batch_size=8, retain_kl=0.0, retain_nll=0.0)
     plain = fit_controllers(model, tok, sets, FitConfig(**kw, selection_contrast=0.0), progress=False, contrast=retain)
     apart = fit_controllers(model, tok, sets, FitConfig(**kw, selection_contrast=2.0), progress=False, contrast=retain)
     layers = parse_layers("all", len(find_decoder_layers(model)[1]))
@@ -152,7 +152,7 @@ def test_row_shifts_add_up_to_the_teacher_forced_nll(model, tok):
 def test_weight_decay_pulls_gates_the_loss_does_not_hold_toward_zero(model, tok):
     train = examples(16, 1)
     kw = dict(gates=32, steps=30, lr=5e-2, max_log_gate=0.5, score_batches=1, batch_size=8, retain_kl=0.0,
-              selection_contrast=0.0)
+              retain_nll=0.0, selection_contrast=0.0)
     plain = fit_controller(model, tok, train, FitConfig(**kw), progress=False)
     decayed = fit_controller(model, tok, train, FitConfig(**kw, weight_decay=5.0), progress=False)
     assert torch.equal(plain.channel, decayed.channel)  # decay acts on the fit, not on the selection
@@ -167,7 +167,7 @@ def test_cosine_schedule_decays_the_step_size_to_zero(model, tok):
     assert lr_factor("cosine", 39, 40) < 0.01 and lr_factor("constant", 39, 40) == 1.0
     train = examples(16, 1)
     kw = dict(gates=32, steps=30, lr=2e-2, max_log_gate=0.5, score_batches=1, batch_size=8, retain_kl=0.0,
-              selection_contrast=0.0)
+              retain_nll=0.0, selection_contrast=0.0)
     plain = fit_controller(model, tok, train, FitConfig(**kw), progress=False)
     cosine = fit_controller(model, tok, train, FitConfig(**kw, lr_schedule="cosine"), progress=False)
     assert torch.equal(plain.channel, cosine.channel)  # the schedule acts on the fit, not on the selection

@@ -82,7 +82,7 @@ def test_retain_kl_keeps_unrelated_text_closer_to_base(model, tok):
     retain = [Example("", "The quick brown fox jumps over the lazy dog."), Example("Hello", " world! user assistant")]
     cfg = dict(gates=64, steps=25, batch_size=4, score_batches=2, lr=5e-2, max_log_gate=0.5, retain_rows=2,
                retain_samples=0)
-    free = fit_controllers(model, tok, [train], FitConfig(**cfg, retain_kl=0.0), progress=False)[0]
+    free = fit_controllers(model, tok, [train], FitConfig(**cfg, retain_kl=0.0, retain_nll=0.0), progress=False)[0]
     kept = fit_controllers(model, tok, [train], FitConfig(**cfg, retain_kl=10.0), progress=False, retain=retain)[0]
     assert torch.equal(free.keys(), kept.keys())  # same selection: only the objective differs
     assert _retain_kl(model, tok, kept, retain) < 0.5 * _retain_kl(model, tok, free, retain)
@@ -141,7 +141,7 @@ def test_kl_power_mean_leans_on_the_tokens_moved_most(model, tok):
                 assert float(kl_p[c]) > 1.01 * float(mean_kl[c])  # the tokens do not all move alike
     train = [Example(**r) for r in arithmetic_rows(16, seed=1)]
     cfg = dict(gates=64, steps=25, batch_size=4, score_batches=2, lr=5e-2, max_log_gate=0.5, retain_rows=2,
-               retain_samples=0, retain_kl=2.0, selection_contrast=0.0)
+               retain_samples=0, retain_kl=2.0, retain_nll=0.0, selection_contrast=0.0)
     flat, tail = (fit_controllers(model, tok, [train], FitConfig(**cfg, retain_kl_power=p), progress=False,
                                   retain=retain)[0] for p in (1.0, 4.0))
     assert tail.meta["fit"]["retain_kl_power"] == 4.0
@@ -157,7 +157,7 @@ def test_retain_nll_keeps_the_retain_texts_nll_from_rising(model, tok):
     retain = [Example("", "The quick brown fox jumps over the lazy dog."), Example("Hello", " world! user assistant")]
     cfg = dict(gates=64, steps=25, batch_size=4, score_batches=2, lr=5e-2, max_log_gate=0.5, retain_rows=2,
                retain_samples=0, retain_kl=0.0, selection_contrast=0.0)
-    free = fit_controllers(model, tok, [train], FitConfig(**cfg), progress=False, retain=retain)[0]
+    free = fit_controllers(model, tok, [train], FitConfig(**cfg, retain_nll=0.0), progress=False, retain=retain)[0]
     kept = fit_controllers(model, tok, [train], FitConfig(**cfg, retain_nll=30.0), progress=False, retain=retain)[0]
     assert torch.equal(free.keys(), kept.keys())  # same selection: only the objective differs
     base = _retain_nll(model, tok, None, retain)
@@ -312,10 +312,11 @@ def test_default_fit_keeps_to_the_bundled_retain_set_and_the_models_own_texts(mo
     bundled, contrast_text = rows(default_retain_examples()), rows(default_contrast_examples())
     assert FitConfig().retain_kl > 0 and (len(bundled), len(contrast_text)) == (160, 32)
     assert bundled[:32] == contrast_text  # the bundled KL text is the contrast text plus three more files
-    # the adopted default is the configuration run 11 measured (default-both): run 8's text and the two new files
+    # the adopted default is the configuration run 13 measured (default-both-nll3): run 8's text and run 11's two
+    # files, with the first-order term at 3
     from benchmarks.quality import CONFIGS, RUN8_KL_TEXT, _retain_source, fit_config, fit_texts
 
-    measured = CONFIGS["default-both"]
+    measured = CONFIGS["default-both-nll3"]
     root = Path(__file__).resolve().parents[1]
     parts = measured["retain_set"].split("+")
     assert measured["retain_set"].startswith(RUN8_KL_TEXT) and parts.count("own") == 1
@@ -339,14 +340,15 @@ def test_default_fit_keeps_to_the_bundled_retain_set_and_the_models_own_texts(mo
     data = [Example(**r) for r in arithmetic_rows(8)]
     kw = dict(gates=8, steps=1, batch_size=4, score_batches=1, retain_samples=3, retain_sample_tokens=4)
     on = fit_controllers(model, tok, [data], FitConfig(**kw), progress=False)[0]
-    off = fit_controllers(model, tok, [data], FitConfig(**kw, retain_kl=0.0, selection_contrast=0.0), progress=False)[0]
+    off = fit_controllers(model, tok, [data], FitConfig(**kw, retain_kl=0.0, retain_nll=0.0, selection_contrast=0.0),
+                          progress=False)[0]
     n_own = len(sampled_retain_examples(model, tok, 3, 4, seed=0))
     assert 0 < n_own <= 3 and (on.meta["fit"]["retain_examples"], on.meta["fit"]["contrast_examples"]) == (160 + n_own, 32)
     assert off.meta["fit"]["retain_examples"] == off.meta["fit"]["contrast_examples"] == 0
     given = fit_controllers(model, tok, [data], FitConfig(**kw), progress=False, retain=manifest_retain)[0]
     assert given.meta["fit"]["retain_examples"] == 1 + n_own  # the samples join a caller's retain set too
     # the retain set chooses the gates even without the KL term, and the record says so
-    chooses = fit_controllers(model, tok, [data], FitConfig(**kw, retain_kl=0.0), progress=False)[0]
+    chooses = fit_controllers(model, tok, [data], FitConfig(**kw, retain_kl=0.0, retain_nll=0.0), progress=False)[0]
     assert (chooses.meta["fit"]["retain_examples"], chooses.meta["fit"]["contrast_examples"]) == (0, 32)
     for bad in (dict(retain_kl=-1.0), dict(retain_samples=-1), dict(retain_sample_tokens=0)):
         with pytest.raises(Exception, match=next(iter(bad))):
