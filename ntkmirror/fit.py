@@ -258,8 +258,8 @@ def fit_controllers(model, tokenizer, datasets: Sequence[Sequence[Example]], con
     With cfg.retain_kl > 0, each step also penalises each controller's KL divergence from the base
     model on cfg.retain_rows rows of kl_text: the `retain` examples (default: bundled generic text)
     and cfg.retain_samples texts the model writes, which keeps strong controllers composable and off
-    unrelated prompts; cfg.retain_nll > 0 adds the hinged rise of that text's own NLL (docs/results.md,
-    run 10: not a default). With cfg.selection_contrast > 0 the gates are chosen away from the channels that
+    unrelated prompts; cfg.retain_nll > 0 adds the hinged rise of that text's own NLL, a first-order term
+    the KL (second order at the base model) lacks (docs/results.md, run 13: 3 by default). With cfg.selection_contrast > 0 the gates are chosen away from the channels that
     `contrast` leans on (default: data.default_contrast_examples, whatever the retain text: a larger
     or different contrast text measured worse, docs/results.md runs 4i and 6a),
     which keeps different memories on different channels. With cfg.pair_kl > 0 and two or more

@@ -138,9 +138,10 @@ def test_fit_retain_options(tmp_path, capsys, tiny_model_dir, train_file):
     ctrl = tmp_path / "c.safetensors"
     code, out, _ = run(capsys, "fit", "--model", tiny_model_dir, "--train", train_file, "--out", ctrl, *FAST,
                        "--retain-file", retain, "--retain-tokens", "all", "--retain-rows", "2",
-                       "--selection-contrast", "0.5", "--retain-samples", "0", "--json")
+                       "--selection-contrast", "0.5", "--retain-samples", "0", "--retain-nll", "0.5", "--json")
     assert code == 0, out
     fit = Controller.load(ctrl).meta["fit"]
+    assert fit["retain_nll"] == 0.5
     assert (fit["retain_examples"], fit["retain_tokens"], fit["retain_rows"], fit["retain_samples"]) == (3, "all", 2, 0)
     assert fit["selection_contrast"] == 0.5 and fit["contrast_examples"] == 32  # the bundled rows choose the gates
     ctrl2 = tmp_path / "c2.safetensors"
@@ -149,6 +150,7 @@ def test_fit_retain_options(tmp_path, capsys, tiny_model_dir, train_file):
     assert code == 0, out
     fit2 = Controller.load(ctrl2).meta["fit"]
     assert fit2["contrast_examples"] == 3 and fit2["retain_samples"] == FitConfig().retain_samples
+    assert fit2["retain_nll"] == FitConfig().retain_nll == 3.0
     n = len(default_retain_examples())  # the bundled rows + the model's own texts
     assert n == 160 and n < fit2["retain_examples"] <= n + FitConfig().retain_samples
     # --retain-add joins the bundled rows (or --retain-file's), once per file given

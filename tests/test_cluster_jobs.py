@@ -348,7 +348,8 @@ def test_job_submitted_through_ray_jobs_api(ray_cluster, pool, tmp_path, tiny_mo
     monkeypatch.chdir(tmp_path)  # relative paths here must mean the same files to the job, which runs elsewhere
     code = main(["jobs", "fit", "--submit", "--address", ray_cluster, "--json", "--manifest", "m.jsonl",
                  "--store", "store", "--report", "report.parquet", "--model", str(tiny_model_dir), "--replicas", "2",
-                 "--cpus-per-replica", "0.5", "--pack-size", "2", *FIT_FLAGS, "--retain-samples", "3", "--retain-kl", "2"])
+                 "--cpus-per-replica", "0.5", "--pack-size", "2", *FIT_FLAGS, "--retain-samples", "3", "--retain-kl", "2",
+                 "--retain-nll", "1.5"])
     store, report = tmp_path / "store", tmp_path / "report.parquet"
     out, err = capsys.readouterr()
     assert code == 0, err
@@ -360,7 +361,7 @@ def test_job_submitted_through_ray_jobs_api(ray_cluster, pool, tmp_path, tiny_mo
     with MemoryStore.from_url(str(store)) as s:
         stored_exactly_once(s, rows)
         fit = s.get_controller(rows[0]["tenant"], rows[0]["id"]).meta["fit"]
-        assert (fit["retain_samples"], fit["retain_kl"]) == (3, 2.0)  # the fit options reach the job's replicas
+        assert (fit["retain_samples"], fit["retain_kl"], fit["retain_nll"]) == (3, 2.0, 1.5)  # options reach the replicas
 
 
 def test_a_replica_that_cannot_load_its_model_is_a_clear_error(ray_cluster, pool, tmp_path):

@@ -324,19 +324,24 @@ def test_fit_job_runs_to_completion(http):
     r = http.post("/v1/memories", headers=h, json={"id": "bad", "text": "t", "examples": arithmetic_rows(2),
                                                    "fit": {"layers": "7,8,9"}})
     assert r.status_code == 422 and "layers" in assert_clean(r)["message"]
+    r = http.post("/v1/memories", headers=h, json={"id": "bad", "text": "t", "examples": arithmetic_rows(2),
+                                                   "fit": {"retain_nll": -1}})
+    assert r.status_code == 422 and "retain_nll" in str(assert_clean(r))
     # 'retain' rows join the bundled KL text of the fit; a bad row or one without examples is a 422
     from ntkmirror.controller import Controller
 
     retain = [{"prompt": "The sky is", "completion": " blue."}, {"prompt": "", "completion": "Good morning."}]
     job = http.post("/v1/memories", headers=h, json={
         "id": "adder-kl", "text": "two-digit addition", "examples": arithmetic_rows(8), "retain": retain,
-        "fit": {"gates": 16, "steps": 2, "score_batches": 1, "batch_size": 4, "retain_samples": 0}}).json()
+        "fit": {"gates": 16, "steps": 2, "score_batches": 1, "batch_size": 4, "retain_samples": 0,
+                "retain_nll": 0.5}}).json()
     while job["status"] in ("queued", "running") and time.time() < deadline + 120:
         time.sleep(0.5)
         job = http.get(f"/v1/jobs/{job['id']}", headers=h).json()
     assert job["status"] == "succeeded", job
     got = http.get("/v1/memories/adder-kl", headers=h, params={"controller": "true"}).json()["controller"]
-    assert Controller.from_bytes(base64.b64decode(got)).meta["fit"]["retain_examples"] == 160 + 2
+    fitted = Controller.from_bytes(base64.b64decode(got)).meta["fit"]
+    assert (fitted["retain_examples"], fitted["retain_nll"]) == (160 + 2, 0.5)
     for bad in ({"examples": arithmetic_rows(2), "retain": [{"prompt": "x", "completion": "  "}]},
                 {"controller": "AAAA", "retain": retain}, {"examples": arithmetic_rows(2), "retain": []}):
         r = http.post("/v1/memories", headers=h, json={"id": "bad", "text": "t", **bad})
