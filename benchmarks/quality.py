@@ -42,10 +42,9 @@ from .report import rank_configs, report, summarise
 from .tasks.generate import PROBES, load_manifest, probe_hits
 
 # FitConfig overrides per config. SEED pins the seed's defaults (the runs in docs/results.md were made
-# with them); "default" is FitConfig() with the library's retain and contrast text, as they stand (since
-# then: max_log_gate 0.2, lr 2e-2, retain_kl 5, selection_contrast 1, retain_rows 8 and the clauses in the
-# KL text). Every named config pins the fields that later defaults changed; without a retain_set it fits
-# with the manifest's retain.jsonl (the bundled 32 rows) for both the KL and the contrast.
+# with them); "default" is run 8's default (RUN8: its KL text, retain_nll 0), "library" FitConfig() with the
+# library's own texts as they stand. Every named config pins the fields that later defaults changed; without
+# a retain_set it fits with the manifest's retain.jsonl (the bundled 32 rows) for both the KL and the contrast.
 # gates=-1: every channel of every gated layer.
 SEED = {"lr": 5e-3, "max_log_gate": 0.05, "retain_kl": 0.0, "selection_contrast": 0.0, "retain_rows": 4, "gates": 5000,
         "retain_samples": 0, "retain_nll": 0.0}
