@@ -66,13 +66,13 @@ class Replica:
 
     # ------------------------------------------------------------------ fit
     def fit_pack(self, items: Sequence[dict], config: FitConfig | dict | None = None,
-                 retain: Sequence[dict] | None = None) -> list[dict]:
+                 retain: Sequence[dict] | None = None, contrast: Sequence[dict] | None = None) -> list[dict]:
         """Fit one controller per item in one batched loop.
 
         An item is {"id", "examples": [row dicts], "meta": {...}} (meta is merged into the
         controller's metadata). Each item is validated and encoded first, so a bad item is
         returned as an error and the rest of the pack is still fitted. `retain`: row dicts of the
-        KL text (default: the library's). Returns one result per item, in order: {"id", "status":
+        KL text, `contrast`: of the text gate selection avoids (default: the library's). Returns one result per item, in order: {"id", "status":
         "ok"|"error", "controller": bytes, "data_hash", "gates", "train_nll_before",
         "train_nll_after", "seconds", "error"}.
         """
@@ -80,7 +80,8 @@ class Replica:
 
         self.calls += 1
         cfg = fit_config(config)
-        retain_ex = [example_from_row(r, self.tok, f"retain row {k + 1}") for k, r in enumerate(retain or ())] or None
+        retain_ex, contrast_ex = ([example_from_row(r, self.tok, f"{name} row {k + 1}") for k, r in enumerate(rows or ())]
+                                  or None for name, rows in (("retain", retain), ("contrast", contrast)))
         results: dict[int, dict] = {}
         good: list[tuple[int, list]] = []
         for i, item in enumerate(items):
@@ -94,7 +95,7 @@ class Replica:
             try:
                 cs = fit_controllers(self.model, self.tok, [ex for _, ex in group], cfg, progress=False,
                                      extra_meta=[dict(items[i].get("meta") or {}) for i, _ in group],
-                                     retain=retain_ex)
+                                     retain=retain_ex, contrast=contrast_ex)
             except Exception as e:
                 if len(group) == 1:
                     results[group[0][0]] = _error(items[group[0][0]], e)

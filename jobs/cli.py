@@ -15,7 +15,7 @@ from typing import List, Optional
 
 import typer
 
-from ntkmirror.cli import FIT_OPTIONS, JsonOpt, RetainAddOpt, RetainFileOpt, emit, err, fit_config, out
+from ntkmirror.cli import FIT_OPTIONS, ContrastFileOpt, JsonOpt, RetainAddOpt, RetainFileOpt, emit, err, fit_config, out
 from ntkmirror.errors import ConfigError, NtkMirrorError
 
 app = typer.Typer(help="Batch jobs on Ray: fit many controllers, run dual diagnostics.", no_args_is_help=True)
@@ -57,22 +57,30 @@ def fit(
     no_eos: bool = FIT_OPTIONS["no_eos"], eval_every: int = FIT_OPTIONS["eval_every"],
     patience: int = FIT_OPTIONS["patience"], retain_kl: float = FIT_OPTIONS["retain_kl"],
     retain_samples: int = FIT_OPTIONS["retain_samples"], retain_nll: float = FIT_OPTIONS["retain_nll"],
+    retain_rows: int = FIT_OPTIONS["retain_rows"], retain_tokens: str = FIT_OPTIONS["retain_tokens"],
+    selection_contrast: float = FIT_OPTIONS["selection_contrast"],
     retain_file: Optional[Path] = RetainFileOpt, retain_add: Optional[List[Path]] = RetainAddOpt,
+    contrast_file: Optional[Path] = ContrastFileOpt,
 ):
     """Fit one controller per manifest row over a replica pool and store them (reruns skip done items)."""
-    from ntkmirror.data import retain_text
+    from ntkmirror.data import load_jsonl_examples, retain_text
 
     cfg = fit_config(gates, steps, lr, max_log_gate, layers, score_batches, batch_size, max_length, seed, score,
-                     no_eos, eval_every, patience, retain_kl, retain_samples, retain_nll)
+                     no_eos, eval_every, patience, retain_kl=retain_kl, retain_samples=retain_samples,
+                     retain_nll=retain_nll, retain_rows=retain_rows, retain_tokens=retain_tokens,
+                     selection_contrast=selection_contrast)
     if replicas < 1 or pack_size < 1:
         raise ConfigError("--replicas and --pack-size must be at least 1")
-    retain = retain_text(retain_file, retain_add or ())  # read (and refused, file:line) before any work
+    # the texts are read (and refused, file:line) before any work
+    retain = retain_text(retain_file, retain_add or ())
+    contrast = load_jsonl_examples(contrast_file) if contrast_file else None
     if submit:
         return _submit(ctx, "jobs.fit_controllers", address, no_wait, as_json)
     from .fit_controllers import run_fit_job
 
     summary = run_fit_job(manifest, store, report, replicas, pack_size, cfg, model, dtype, address, num_cpus,
-                          cpus_per_replica, gpus_per_replica, force, progress=not quiet and not as_json, retain=retain)
+                          cpus_per_replica, gpus_per_replica, force, progress=not quiet and not as_json, retain=retain,
+                          contrast=contrast)
     emit(summary, as_json, lambda d: out.print(
         f"{d['items']} items: {d['ok']} ok, {d['skipped']} skipped, {d['error']} error"
         + (f"; {d['items_per_minute']:.1f} items/min" if d["items_per_minute"] else "") + f"; report {d['report']}"))

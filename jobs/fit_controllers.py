@@ -55,9 +55,11 @@ def run_fit_job(manifest: str | Path, store: str | MemoryStore, report: str | Pa
                 pack_size: int = 8, config: FitConfig | None = None, model: str | None = None,
                 dtype: str | None = None, address: str | None = None, num_cpus: int | None = None,
                 cpus_per_replica: float = 1, gpus_per_replica: float | None = None, force: bool = False,
-                progress: bool = True, pool=None, retain: Sequence[Example] | None = None) -> dict:
+                progress: bool = True, pool=None, retain: Sequence[Example] | None = None,
+                contrast: Sequence[Example] | None = None) -> dict:
     """Run the batch fit; return a summary. `pool`: an existing ReplicaPool to use (else one is made);
-    `retain`: the KL text of every fit (default: the library's, made on each replica)."""
+    `retain`: the KL text of every fit (default: the library's, made on each replica); `contrast`: the
+    text whose channels gate selection avoids (default: the library's)."""
     from cluster.pool import ReplicaPool, ray_session
 
     t0 = time.perf_counter()
@@ -90,8 +92,9 @@ def run_fit_job(manifest: str | Path, store: str | MemoryStore, report: str | Pa
                               f"{sum(r['status'] == 'error' for r in rows.values())} invalid")
                 try:
                     fit_t0, done = time.perf_counter(), 0
-                    retain_rows = [ex.to_dict() for ex in retain] if retain else None
-                    for p, results in pool.map("fit_pack", payloads, config=asdict(cfg), retain=retain_rows):
+                    texts = {name: [ex.to_dict() for ex in rows] if rows else None
+                             for name, rows in (("retain", retain), ("contrast", contrast))}
+                    for p, results in pool.map("fit_pack", payloads, config=asdict(cfg), **texts):
                         for j, k in enumerate(packs[p]):
                             res = results if isinstance(results, BaseException) else results[j]
                             rows[k] = _store(store, items[k], res, force)

@@ -62,7 +62,8 @@ class _null:
 
 
 def fit_config(gates, steps, lr, max_log_gate, layers, score_batches, batch_size, max_length, seed, score,
-               no_eos, eval_every, patience, retain_kl=None, retain_samples=None, retain_nll=None):
+               no_eos, eval_every, patience, **optional):
+    """A checked FitConfig from the fit options; `optional`: the other FIT_OPTIONS (None: FitConfig's default)."""
     from .fit import FitConfig
 
     for name, v in (("gates", gates), ("steps", steps), ("batch-size", batch_size), ("max-length", max_length),
@@ -76,9 +77,7 @@ def fit_config(gates, steps, lr, max_log_gate, layers, score_batches, batch_size
     return FitConfig(gates=gates, steps=steps, lr=lr, max_log_gate=max_log_gate, layers=layers,
                      score_batches=score_batches, batch_size=batch_size, max_length=max_length, seed=seed,
                      score=score, add_eos=not no_eos, eval_every=eval_every, patience=patience,
-                     **({} if retain_kl is None else {"retain_kl": retain_kl}),
-                     **({} if retain_samples is None else {"retain_samples": retain_samples}),
-                     **({} if retain_nll is None else {"retain_nll": retain_nll})).check()
+                     **{k: v for k, v in optional.items() if v is not None}).check()
 
 
 # Option declarations reused by every command that fits (fit, memory add, jobs fit).
@@ -103,6 +102,12 @@ FIT_OPTIONS = dict(
     retain_nll=typer.Option(3.0, "--retain-nll", help="weight of the rise of the KL text's own NLL, a first-order "
                                                        "term beside the KL (0: off; with --retain-kl 0: the seed "
                                                        "objective)"),
+    retain_rows=typer.Option(16, "--retain-rows", help="rows of the KL text per step"),
+    retain_tokens=typer.Option("completion", "--retain-tokens", help="KL on the retain rows' completion tokens or "
+                                                                     "on all their tokens"),
+    selection_contrast=typer.Option(1.0, "--selection-contrast",
+                                    help="choose gates away from channels the contrast text leans on: weight of its "
+                                         "saliency subtracted at selection (0: off)"),
 )
 
 
@@ -111,6 +116,8 @@ RetainFileOpt = typer.Option(None, "--retain-file", help="JSONL of text to keep 
                                                          "(default: the bundled set)")
 RetainAddOpt = typer.Option(None, "--retain-add", help="JSONL added to that text (repeatable): the bundled set "
                                                        "or --retain-file stays")
+ContrastFileOpt = typer.Option(None, "--contrast-file", help="JSONL whose channels gate selection avoids "
+                                                             "(default: the bundled 32 rows)")
 
 
 @app.command()
@@ -129,17 +136,12 @@ def fit(
     no_eos: bool = FIT_OPTIONS["no_eos"], eval_every: int = FIT_OPTIONS["eval_every"],
     patience: int = FIT_OPTIONS["patience"], retain_kl: float = FIT_OPTIONS["retain_kl"],
     retain_samples: int = FIT_OPTIONS["retain_samples"], retain_nll: float = FIT_OPTIONS["retain_nll"],
+    retain_rows: int = FIT_OPTIONS["retain_rows"], retain_tokens: str = FIT_OPTIONS["retain_tokens"],
+    selection_contrast: float = FIT_OPTIONS["selection_contrast"],
     compile_fit: bool = typer.Option(False, "--compile", help="torch.compile the fit step: for long GPU fits of "
                                                                "larger models (the compile costs tens of seconds)"),
     retain_file: Optional[Path] = RetainFileOpt, retain_add: Optional[list[Path]] = RetainAddOpt,
-    contrast_file: Optional[Path] = typer.Option(None, "--contrast-file", help="JSONL whose channels gate selection "
-                                                                               "avoids (default: the bundled 32 rows)"),
-    retain_tokens: str = typer.Option("completion", "--retain-tokens", help="KL on the retain rows' completion "
-                                                                            "tokens or on all their tokens"),
-    retain_rows: int = typer.Option(16, "--retain-rows", help="rows of the KL text per step"),
-    selection_contrast: float = typer.Option(1.0, "--selection-contrast",
-                                             help="choose gates away from channels the contrast text leans on: "
-                                                  "weight of its saliency subtracted at selection (0: off)"),
+    contrast_file: Optional[Path] = ContrastFileOpt,
 ):
     """Fit a controller on teacher-forced examples and save it."""
     from .data import load_jsonl_examples, retain_text
@@ -148,10 +150,9 @@ def fit(
     from .models import find_decoder_layers
 
     cfg = fit_config(gates, steps, lr, max_log_gate, layers, score_batches, batch_size, max_length, seed, score,
-                     no_eos, eval_every, patience, retain_kl, retain_samples, retain_nll)
-    cfg.compile, cfg.retain_tokens, cfg.retain_rows = compile_fit, retain_tokens, retain_rows
-    cfg.selection_contrast = selection_contrast
-    cfg.check()  # before the model loads
+                     no_eos, eval_every, patience, retain_kl=retain_kl, retain_samples=retain_samples,
+                     retain_nll=retain_nll, retain_rows=retain_rows, retain_tokens=retain_tokens,
+                     selection_contrast=selection_contrast, compile=compile_fit)  # checked before the model loads
     m, tok = load(model, device, dtype, quiet=as_json)
     parse_layers(layers, len(find_decoder_layers(m)[1]))  # fail before any work
     train_ex = load_jsonl_examples(train, tok)

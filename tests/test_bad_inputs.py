@@ -328,6 +328,8 @@ def test_cli_refuses_bad_input_and_stays_byte_identical(filled, capsys, tiny_mod
              "--model", tiny_model_dir, *FAST, "--retain-samples", "-1", *S], 2, "retain_samples must be at least 0")
     refused(["memory", "add", "--id", "new", "--text", "t", "--train", CORPUS / "jsonl" / next(iter(JSONL)),
              "--model", tiny_model_dir, *FAST, "--retain-nll", "-1", *S], 2, "retain_nll must be a non-negative")
+    refused(["memory", "add", "--id", "new", "--text", "t", "--train", CORPUS / "jsonl" / next(iter(JSONL)),
+             "--model", tiny_model_dir, *FAST, "--retain-tokens", "some", *S], 2, "retain_tokens must be")
     for name, message in CONTROLLERS.items():
         path = CORPUS / "controllers" / name
         if name not in MODEL_CHECKS:  # registering needs no model: only the file can be wrong

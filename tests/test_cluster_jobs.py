@@ -23,6 +23,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import torch
 
 ray = pytest.importorskip("ray")
 
@@ -186,8 +187,8 @@ def test_replica_fit_pack_isolates_a_bad_item(tiny_model_dir):
 
 
 def test_replica_fits_a_pack_on_the_callers_kl_text(tiny_model_dir):
-    """fit_pack's `retain` rows are the KL text of every controller of the pack; a bad row fails the call
-    with its place."""
+    """fit_pack's `retain` rows are the KL text of every controller of the pack, its `contrast` rows the text
+    gate selection avoids; a bad row fails the call with its place."""
     r = Replica(str(tiny_model_dir))
     cfg = {"gates": 24, "steps": 4, "score_batches": 2, "batch_size": 4, "retain_samples": 0}
     retain = [{"prompt": "The sky is", "completion": " blue."}, {"prompt": "", "completion": "Good morning."},
@@ -198,6 +199,12 @@ def test_replica_fits_a_pack_on_the_callers_kl_text(tiny_model_dir):
     assert bundled.meta["fit"]["retain_examples"] == 160  # without `retain`: the library's bundled set
     with pytest.raises(DataError, match="retain row 2"):
         r.fit_pack([{"id": "a", "examples": arithmetic_rows(6, seed=1)}], cfg, retain=[retain[0], {"prompt": 3}])
+    assert bundled.meta["fit"]["contrast_examples"] == 32  # without `contrast`: the bundled 32 rows
+    apart = Controller.from_bytes(r.fit_pack([{"id": "a", "examples": arithmetic_rows(6, seed=1)}], cfg,
+                                             contrast=retain)[0]["controller"])
+    assert apart.meta["fit"]["contrast_examples"] == 3 and not torch.equal(apart.keys(), bundled.keys())
+    with pytest.raises(DataError, match="contrast row 2"):
+        r.fit_pack([{"id": "a", "examples": arithmetic_rows(6, seed=1)}], cfg, contrast=[retain[0], {"prompt": 3}])
 
 
 def test_cli_rejects_a_missing_manifest_and_writes_nothing(tmp_path, capsys):
@@ -215,6 +222,12 @@ def test_cli_rejects_a_missing_manifest_and_writes_nothing(tmp_path, capsys):
                  "--report", str(tmp_path / "r.parquet"), "--retain-add", str(bad)])  # refused before Ray starts
     assert code != 0 and "bad.jsonl:2" in capsys.readouterr().err
     assert not (tmp_path / "r.parquet").exists() and not (tmp_path / "store").exists()
+    for flags, message in ((["--contrast-file", str(bad)], "bad.jsonl:2"), (["--retain-tokens", "some"], "retain_tokens"),
+                           (["--retain-rows", "0"], "retain_rows"), (["--selection-contrast", "-1"], "selection_contrast")):
+        code = main(["jobs", "fit", "--manifest", str(manifest), "--store", str(tmp_path / "store"),
+                     "--report", str(tmp_path / "r.parquet"), *flags])
+        assert code != 0 and message in capsys.readouterr().err, flags
+        assert not (tmp_path / "r.parquet").exists() and not (tmp_path / "store").exists()
 
 
 # ---------------------------------------------------------------- on Ray
@@ -346,10 +359,11 @@ def test_job_submitted_through_ray_jobs_api(ray_cluster, pool, tmp_path, tiny_mo
     rows = manifest_rows(4, tmp_path, tenant="submitted")
     write_manifest(tmp_path / "m.jsonl", rows)
     monkeypatch.chdir(tmp_path)  # relative paths here must mean the same files to the job, which runs elsewhere
+    Path("c.jsonl").write_text('{"prompt": "The sky is", "completion": " blue."}\n{"prompt": "", "completion": "Hi."}\n')
     code = main(["jobs", "fit", "--submit", "--address", ray_cluster, "--json", "--manifest", "m.jsonl",
                  "--store", "store", "--report", "report.parquet", "--model", str(tiny_model_dir), "--replicas", "2",
                  "--cpus-per-replica", "0.5", "--pack-size", "2", *FIT_FLAGS, "--retain-samples", "3", "--retain-kl", "2",
-                 "--retain-nll", "1.5"])
+                 "--retain-nll", "1.5", "--retain-rows", "2", "--selection-contrast", "0.5", "--contrast-file", "c.jsonl"])
     store, report = tmp_path / "store", tmp_path / "report.parquet"
     out, err = capsys.readouterr()
     assert code == 0, err
@@ -362,6 +376,7 @@ def test_job_submitted_through_ray_jobs_api(ray_cluster, pool, tmp_path, tiny_mo
         stored_exactly_once(s, rows)
         fit = s.get_controller(rows[0]["tenant"], rows[0]["id"]).meta["fit"]
         assert (fit["retain_samples"], fit["retain_kl"], fit["retain_nll"]) == (3, 2.0, 1.5)  # options reach the replicas
+        assert (fit["retain_rows"], fit["selection_contrast"], fit["contrast_examples"]) == (2, 0.5, 2)
 
 
 def test_a_replica_that_cannot_load_its_model_is_a_clear_error(ray_cluster, pool, tmp_path):

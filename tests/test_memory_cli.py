@@ -6,6 +6,7 @@ import json
 
 import pytest
 
+from ntkmirror import Controller
 from ntkmirror.cli import main
 
 FAST = ["--gates", "16", "--steps", "10", "--score-batches", "1", "--batch-size", "4", "--lr", "0.05"]
@@ -27,7 +28,8 @@ def test_memory_cli_round_trip(tmp_path, capsys, store_url, tiny_model_dir, trai
     S = ["--store", store_url]
     M = ["--model", tiny_model_dir]
     code, out, err = run(capsys, "memory", "add", "--id", "arith", "--train", train_file, "--text",
-                         "Arithmetic: adding two-digit numbers", "--tags", "math,school", *M, *FAST, *S, "--json")
+                         "Arithmetic: adding two-digit numbers", "--tags", "math,school", *M, *FAST, *S, "--json",
+                         "--retain-rows", "3", "--selection-contrast", "0.5")
     assert code == 0, err
     item = json.loads(out)
     assert (item["version"], item["num_gates"], item["tags"]) == (1, 16, ["math", "school"])
@@ -36,6 +38,8 @@ def test_memory_cli_round_trip(tmp_path, capsys, store_url, tiny_model_dir, trai
     ctrl = tmp_path / "arith.safetensors"
     code, out, _ = run(capsys, "memory", "get", "--id", "arith", "--out", ctrl, *S, "--json")
     assert code == 0 and ctrl.is_file() and json.loads(out)["id"] == "arith"
+    fit = Controller.load(ctrl).meta["fit"]
+    assert (fit["retain_rows"], fit["selection_contrast"]) == (3, 0.5)  # every fit option reaches memory add's fit
     code, out, err = run(capsys, "memory", "add", "--id", "poems", "--controller", ctrl, "--text",
                          "Writing haiku poems about autumn leaves", *S)
     assert code == 0 and "near-duplicate of memory 'arith'" in err and "stored default/poems v1" in out
