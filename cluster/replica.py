@@ -72,9 +72,9 @@ class Replica:
         An item is {"id", "examples": [row dicts], "meta": {...}} (meta is merged into the
         controller's metadata). Each item is validated and encoded first, so a bad item is
         returned as an error and the rest of the pack is still fitted. `retain`: row dicts of the
-        KL text, `contrast`: of the text gate selection avoids (default: the library's). Returns one result per item, in order: {"id", "status":
-        "ok"|"error", "controller": bytes, "data_hash", "gates", "train_nll_before",
-        "train_nll_after", "seconds", "error"}.
+        KL text, `contrast`: of the text gate selection avoids (default: the library's). Returns one
+        result per item, in order: {"id", "status": "ok"|"error", "controller": bytes, "data_hash",
+        "gates", "train_nll_before", "train_nll_after", "seconds", "error"}.
         """
         from ntkmirror.fit import fit_controllers
 
