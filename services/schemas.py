@@ -76,6 +76,9 @@ class FitParams(Strict):
                              description="KL-to-base weight on the bundled retain set and the model's own samples")
     retain_nll: float = Field(_FIT.retain_nll, ge=0, le=100,
                               description="weight of the rise of the KL text's own NLL, a first-order term beside the KL")
+    retain_rows: int = Field(_FIT.retain_rows, ge=1, le=256, description="rows of the KL text per step")
+    retain_tokens: Literal["completion", "all"] = Field(_FIT.retain_tokens, description="where the KL is taken on "
+                                                                                         "each KL-text row")
     retain_samples: int = Field(_FIT.retain_samples, ge=0, le=1024,
                                 description="short texts the model writes itself, added to the KL text")
     selection_contrast: float = Field(_FIT.selection_contrast, ge=0, le=100,

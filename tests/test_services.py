@@ -327,6 +327,10 @@ def test_fit_job_runs_to_completion(http):
     r = http.post("/v1/memories", headers=h, json={"id": "bad", "text": "t", "examples": arithmetic_rows(2),
                                                    "fit": {"retain_nll": -1}})
     assert r.status_code == 422 and "retain_nll" in str(assert_clean(r))
+    for bad_fit in ({"retain_rows": 0}, {"retain_tokens": "some"}):
+        r = http.post("/v1/memories", headers=h, json={"id": "bad", "text": "t", "examples": arithmetic_rows(2),
+                                                       "fit": bad_fit})
+        assert r.status_code == 422 and next(iter(bad_fit)) in str(assert_clean(r)), bad_fit
     # 'retain' rows join the bundled KL text of the fit; a bad row or one without examples is a 422
     from ntkmirror.controller import Controller
 
@@ -334,14 +338,15 @@ def test_fit_job_runs_to_completion(http):
     job = http.post("/v1/memories", headers=h, json={
         "id": "adder-kl", "text": "two-digit addition", "examples": arithmetic_rows(8), "retain": retain,
         "fit": {"gates": 16, "steps": 2, "score_batches": 1, "batch_size": 4, "retain_samples": 0,
-                "retain_nll": 0.5}}).json()
+                "retain_nll": 0.5, "retain_rows": 2, "retain_tokens": "all"}}).json()
     while job["status"] in ("queued", "running") and time.time() < deadline + 120:
         time.sleep(0.5)
         job = http.get(f"/v1/jobs/{job['id']}", headers=h).json()
     assert job["status"] == "succeeded", job
     got = http.get("/v1/memories/adder-kl", headers=h, params={"controller": "true"}).json()["controller"]
     fitted = Controller.from_bytes(base64.b64decode(got)).meta["fit"]
-    assert (fitted["retain_examples"], fitted["retain_nll"]) == (160 + 2, 0.5)
+    assert (fitted["retain_examples"], fitted["retain_nll"], fitted["retain_rows"], fitted["retain_tokens"]) == (
+        160 + 2, 0.5, 2, "all")
     for bad in ({"examples": arithmetic_rows(2), "retain": [{"prompt": "x", "completion": "  "}]},
                 {"controller": "AAAA", "retain": retain}, {"examples": arithmetic_rows(2), "retain": []}):
         r = http.post("/v1/memories", headers=h, json={"id": "bad", "text": "t", **bad})
