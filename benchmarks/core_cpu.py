@@ -90,7 +90,8 @@ def main() -> None:
 
     res = {"cpu": platform.processor() or platform.machine(), "threads": args.threads, "torch": torch.__version__,
            "load_first_s": first, "load_cached_s": cached, "fit_step_s": per_step_seed,
-           "fit_step_retain_kl_s": per_step_kl, "fit_step_default_s": per_step_default, "retain_rows": cfg.retain_rows, "kl_text_s": kl_text_s,
+           "fit_step_retain_kl_s": per_step_kl, "fit_step_default_s": per_step_default,
+           "retain_rows": cfg.retain_rows, "kl_text_s": kl_text_s,
            "kl_text_rows": len(kl_rows), "batch": 8, "seq_len": args.seq_len, "gates": c.num_gates,
            "peak_rss_mib": peak_rss,
            "controller_bytes_safetensors": size_st, "controller_bytes_pt": size_pt}

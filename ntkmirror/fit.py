@@ -196,9 +196,9 @@ def retain_divergence(model, gates: PackedGates, retain: Batch, partners: torch.
     rise = (base - gated).gather(1, targets[:, None])[:, 0]  # NLL gated - NLL base of the text's own tokens
     owner = row_ctrl[row]
     if kl_power == 1:
-        return group_means(kl, owner, C), group_means(rise, owner, C)
-    # clamped away from 0: at the base model every KL is 0, where x^(1/p) has no finite slope
-    kl_c = group_means(kl.clamp_min(0).pow(kl_power), owner, C).clamp_min(1e-30).pow(1 / kl_power)
+        kl_c = group_means(kl, owner, C)
+    else:  # clamped away from 0: at the base model every KL is 0, where x^(1/p) has no finite slope
+        kl_c = group_means(kl.clamp_min(0).pow(kl_power), owner, C).clamp_min(1e-30).pow(1 / kl_power)
     return kl_c, group_means(rise, owner, C)
 
 
