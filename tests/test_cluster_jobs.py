@@ -52,26 +52,67 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def ray_cluster(tmp_path_factory):
-    """A private 2-CPU Ray head with the dashboard (the Jobs API lives there); yields its http address.
-
-    `ray start --head` on free ports in its own temp dir: ray.init cannot move the dashboard
-    agent off its fixed port, which another Ray on this machine may already hold. Stopped
-    through its own process and process group (never `ray stop`: that ends every Ray here).
-    """
-    assert not ray.is_initialized()
+def _start_head(log: Path) -> tuple[subprocess.Popen, str, int, int]:
+    """`ray start --head` on free ports in its own temp dir; returns (process, temp dir, GCS port, dashboard port)."""
     temp = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # short: Ray's socket paths must stay < 108 chars
     gcs, dash, agent, client = (_free_port() for _ in range(4))
-    log = tmp_path_factory.mktemp("ray-head") / "ray-start.log"
     cmd = [str(Path(sys.executable).parent / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1",
            f"--port={gcs}", "--num-cpus=2", "--num-gpus=0", "--include-dashboard=true", f"--dashboard-port={dash}",
            f"--dashboard-agent-listen-port={agent}", f"--ray-client-server-port={client}", f"--temp-dir={temp}",
            "--disable-usage-stats"]
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
-    with log.open("wb") as out:
+    with log.open("ab") as out:
         proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    return proc, temp, gcs, dash
+
+
+def _stop_head(proc: subprocess.Popen, temp: str) -> None:
+    """Through its own process and process group (never `ray stop`: that ends every Ray here)."""
+    ray.shutdown()
+    proc.terminate()  # `ray start` drains the node and stops what it started
     try:
+        proc.wait(timeout=40)
+    except subprocess.TimeoutExpired:
+        pass
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)  # anything of that group still left
+    except ProcessLookupError:
+        pass
+    shutil.rmtree(temp, ignore_errors=True)
+
+
+def _jobs_api_ready(address: str, seconds: float) -> bool:
+    """Can a job be submitted yet? The head hands jobs to its node's dashboard agent, which comes up
+    after the head (and may not come up at all: a port picked free above can be taken in between)."""
+    from ray.job_submission import JobSubmissionClient
+
+    deadline = time.time() + seconds
+    while time.time() < deadline:
+        try:
+            JobSubmissionClient(address).submit_job(entrypoint="true")
+            return True
+        except (ConnectionError, RuntimeError):  # the dashboard is not up yet, or "No available agent ..."
+            time.sleep(1)
+    return False
+
+
+def _agent_log(temp: str) -> str:
+    logs = sorted(Path(temp).glob("session_*/logs/dashboard_agent.*"))
+    return "\n".join(f"{p.name}: {p.read_text(errors='replace')[-1500:]}" for p in logs) or "(no agent log)"
+
+
+@pytest.fixture(scope="module")
+def ray_cluster(tmp_path_factory):
+    """A private 2-CPU Ray head with the dashboard (the Jobs API lives there); yields its http address.
+
+    `ray start --head` rather than ray.init: ray.init cannot move the dashboard agent off its fixed
+    port, which another Ray on this machine may already hold. A head whose Jobs API does not come
+    up is started again on other ports (twice at most), and its agent's log is kept for the report.
+    """
+    assert not ray.is_initialized()
+    log, failures = tmp_path_factory.mktemp("ray-head") / "ray-start.log", []
+    for _ in range(3):
+        proc, temp, gcs, dash = _start_head(log)
         deadline = time.time() + 120
         while True:
             try:
@@ -79,21 +120,19 @@ def ray_cluster(tmp_path_factory):
                 break
             except ConnectionError:
                 if proc.poll() is not None or time.time() > deadline:
+                    _stop_head(proc, temp)
                     pytest.fail(f"ray start failed: {log.read_text()[-2000:]}")
                 time.sleep(1)
+        if _jobs_api_ready(f"http://127.0.0.1:{dash}", 60):
+            break
+        failures.append(_agent_log(temp))
+        _stop_head(proc, temp)
+    else:
+        pytest.fail("the Ray Jobs API never came up; dashboard agent logs:\n" + "\n---\n".join(failures))
+    try:
         yield f"http://127.0.0.1:{dash}"
     finally:
-        ray.shutdown()
-        proc.terminate()  # `ray start` drains the node and stops what it started
-        try:
-            proc.wait(timeout=40)
-        except subprocess.TimeoutExpired:
-            pass
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)  # anything of that group still left
-        except ProcessLookupError:
-            pass
-        shutil.rmtree(temp, ignore_errors=True)
+        _stop_head(proc, temp)
 
 
 @pytest.fixture(scope="module")
