@@ -19,6 +19,7 @@ On CPU, or with graphs off, the same step runs eagerly and gives the same tokens
 
 from __future__ import annotations
 
+import inspect
 from typing import Sequence
 
 import torch
@@ -85,6 +86,8 @@ class GenerationEngine:
         self.sdpa = getattr(model.config, "_attn_implementation", "sdpa") == "sdpa"
         B, S, dev = max_batch, max_seq_len, self.device
         self.kv = _StaticKV(self.n_layers, S)
+        # transformers >= 5.2x names the cache argument `cache` (`past_key_values` is deprecated there)
+        self._cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
         # Persistent decode state: the captured graph reads and writes these addresses.
         self._gates = torch.zeros(B, self.n_layers, self.hidden, device=dev)  # float32 log-gates
         self._scale = torch.ones_like(self._gates)  # exp(_gates), made once per call, not per layer
@@ -180,7 +183,7 @@ class GenerationEngine:
         self.kv.pos, self.kv.span = t, T
         try:
             logits = self.model(input_ids=input_ids, attention_mask=self._mask(mask[:, None]),
-                                position_ids=position_ids, past_key_values=self.kv, use_cache=True,
+                                position_ids=position_ids, **{self._cache_arg: self.kv}, use_cache=True,
                                 logits_to_keep=1).logits[:, -1]
         finally:
             self.kv.pos, self.kv.span = self._pos, None
@@ -193,7 +196,7 @@ class GenerationEngine:
         p = self._pos
         self._valid.index_fill_(1, p, True)
         logits = self.model(input_ids=self._tok, attention_mask=self._mask(self._valid[:, None, None, :]),
-                            position_ids=self._position_ids, past_key_values=self.kv, use_cache=True,
+                            position_ids=self._position_ids, **{self._cache_arg: self.kv}, use_cache=True,
                             logits_to_keep=1).logits[:, -1]
         nxt = torch.where(self._done, self._pad, logits.argmax(-1))  # finished rows emit padding
         self._done |= nxt == self._eos
