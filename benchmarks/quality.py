@@ -830,6 +830,9 @@ def main(argv=None) -> int:
     c.add_argument("--tokenizer", default=None)
     c.add_argument("--rows", type=int, default=0, help="eval / probe rows per task (0: all)")
     c.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)
+    a = sub.add_parser("additivity", help="is a pair's probe change the sum of its controllers' own? (CPU, JSON only)")
+    a.add_argument("sources", type=Path, nargs="+", help="run dirs or results JSON files (docs/results/quality/*.json)")
+    a.add_argument("--config", default=None, help="one config, its fit seeds (-s1, -s2, ...) pooled")
     p = sub.add_parser("report", help="tables (CSV, markdown) and plots from one or more run dirs")
     p.add_argument("run_dirs", type=Path, nargs="+")
     p.add_argument("--img", type=Path, default=None, help="also copy the plots here (e.g. docs/img)")
@@ -852,6 +855,13 @@ def main(argv=None) -> int:
         from .report import _md
 
         print(_md(out, cols))
+    elif args.cmd == "additivity":
+        from .report import additivity_report
+
+        try:
+            print(additivity_report(args.sources, args.config))
+        except (OSError, ValueError) as e:
+            ap.error(str(e))
     elif args.cmd == "retrieval":
         retrieval(args.run_dir, top_k=args.top_k)
         print(report([args.run_dir]))

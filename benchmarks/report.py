@@ -33,8 +33,8 @@ def summarise(rows: dict, idx=None) -> dict:
 def merge(run_dirs) -> dict:
     """Concatenate the evals/pairs of several runs; memory benchmarks by config (later runs win)."""
     out = {"meta": [], "evals": [], "pairs": [], "memory": {}, "skipped": []}
-    for d in run_dirs:
-        r = json.loads((Path(d) / "results.json").read_text())
+    for d in run_dirs:  # a run directory, or its results.json under another name (docs/results/quality/*.json)
+        r = json.loads((Path(d) if Path(d).suffix == ".json" else Path(d) / "results.json").read_text())
         out["meta"].append(r["meta"])
         out["evals"] += r["evals"]
         out["pairs"] += r["pairs"]
@@ -156,6 +156,53 @@ def pair_rows(results, config, rule="sum", probe="unrelated") -> list[dict]:
         row["unrelated_change"] = (p[probe]["nll"] - base_unrel) / base_unrel if base_unrel else None
         out.append(row)
     return out
+
+
+def seed_group(config: str) -> str:
+    """A config's name without its fit-seed suffix ("default-s2" -> "default"; quality.default_variant)."""
+    head, _, tail = config.rpartition("-s")
+    return head if head and tail.isdigit() else config
+
+
+def additivity_rows(results, rule="sum") -> list[dict]:
+    """Is a composed pair's probe change the sum of its two controllers' own changes? One row per
+    pair and probe: the change under a alone, under b alone, under the pair, and the rest
+    (pair - a - b), which is all that composing adds beyond the two controllers' own leaks."""
+    base = {e["task"]: e["nll"] for e in results["evals"] if e["config"] == "base"}
+    single = {(e["config"], e["under"], e["task"]): e["nll"] for e in results["evals"] if "under" in e}
+    out = []
+    for p in results["pairs"]:
+        for k in probes(results) if p["rule"] == rule else ():
+            b0, a, b = base.get(k), single.get((p["config"], p["a"], k)), single.get((p["config"], p["b"], k))
+            if k not in p or not b0 or a is None or b is None:
+                continue
+            row = {"config": p["config"], "probe": k, "a": p["a"], "b": p["b"], "change_a": (a - b0) / b0,
+                   "change_b": (b - b0) / b0, "change_pair": (p[k]["nll"] - b0) / b0}
+            row["rest"] = row["change_pair"] - row["change_a"] - row["change_b"]
+            out.append(row)
+    return out
+
+
+def additivity_summary(rows: list[dict]) -> tuple[list[dict], list[dict]]:
+    """Over fit seeds (seed_group): per config and probe, the mean of the singles' sum, of the pair and
+    of the rest, and the largest |rest|; per config, task and probe, that task's controller alone
+    (mean and range over seeds) and the pairs it is in (mean, `in_pairs`)."""
+    by_probe, by_task = defaultdict(list), defaultdict(lambda: {"alone": {}, "pairs": []})
+    for r in rows:
+        g = seed_group(r["config"])
+        by_probe[(g, r["probe"])].append(r)
+        for side in "ab":
+            cell = by_task[(g, r[side], r["probe"])]
+            cell["alone"][r["config"]] = r[f"change_{side}"]  # once per seed, whichever pair it came from
+            cell["pairs"].append(r["change_pair"])
+    probe_rows = [{"config": g, "probe": k, "pairs": len(v),
+                   "singles_sum": mean(r["change_a"] + r["change_b"] for r in v),
+                   "pair": mean(r["change_pair"] for r in v), "rest": mean(r["rest"] for r in v),
+                   "rest_max_abs": max(abs(r["rest"]) for r in v)} for (g, k), v in by_probe.items()]
+    task_rows_ = [{"config": g, "task": t, "probe": k, "seeds": len(c["alone"]), "alone": mean(c["alone"].values()),
+                   "alone_min": min(c["alone"].values()), "alone_max": max(c["alone"].values()),
+                   "in_pairs": mean(c["pairs"])} for (g, t, k), c in by_task.items()]
+    return probe_rows, task_rows_
 
 
 def rank_configs(results) -> list[str]:
@@ -340,6 +387,21 @@ def plots(results, out: Path) -> list[Path]:
         fig.savefig(written[-1], dpi=110)
         plt.close(fig)
     return written
+
+
+def additivity_report(sources, config: str | None = None) -> str:
+    """Markdown of additivity_summary over run dirs or results JSON files (one config's seeds, or all)."""
+    rows = [r for r in additivity_rows(merge(sources)) if config is None or seed_group(r["config"]) == config]
+    if not rows:
+        raise ValueError(f"no pairs with single-controller probe scores{f' for config {config}' if config else ''}")
+    by_probe, by_task = additivity_summary(rows)
+    pct = {c: "+.2%" for c in ("singles_sum", "pair", "rest", "rest_max_abs", "alone", "alone_min", "alone_max",
+                               "in_pairs")}
+    return ("### A pair's probe change against the sum of its two controllers' own (rule sum)\n\n"
+            + _md(by_probe, ["config", "probe", "pairs", "singles_sum", "pair", "rest", "rest_max_abs"], pct)
+            + "\n### Each task's controller alone (over seeds) and the pairs it is in\n\n"
+            + _md(sorted(by_task, key=lambda r: (r["config"], r["task"], r["probe"])),
+                  ["config", "task", "probe", "seeds", "alone", "alone_min", "alone_max", "in_pairs"], pct))
 
 
 def report(run_dirs, img: Path | None = None) -> str:

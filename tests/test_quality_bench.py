@@ -285,6 +285,15 @@ def test_quality_run_end_to_end_on_a_tiny_model(tmp_path):
         assert len(mine) == 3 and r["unrelated_c_change_max"] == pytest.approx(max(
             (p["unrelated_c"]["nll"] - base) / base for p in mine))
     assert (run / "tasks.csv").stat().st_size > 0
+    from benchmarks.report import additivity_rows
+
+    split = next(r for r in additivity_rows(res) if r["config"] == "ctrl-5000" and r["probe"] == "unrelated_c")
+    base_c = next(e["nll"] for e in res["evals"] if e["config"] == "base" and e["task"] == "unrelated_c")
+    alone = {e["under"]: e["nll"] for e in res["evals"] if e["config"] == "ctrl-5000" and e["task"] == "unrelated_c"
+             and "under" in e}
+    p = next(p for p in sums if (p["a"], p["b"]) == (split["a"], split["b"]))
+    assert split["rest"] == pytest.approx((p["unrelated_c"]["nll"] - alone[p["a"]] - alone[p["b"]] + base_c) / base_c)
+    assert quality.main(["additivity", str(run), "--config", "ctrl-5000"]) == 0
     # re-scoring the saved controllers reproduces the run's sum-rule pairs, and scores other rules too
     assert quality.main(["rules", str(run), "--config", "ctrl-5000", "--tiny", "--tasks", str(tmp_path / "tasks"),
                          "--rules", "sum,w0.8"]) == 0
@@ -526,6 +535,46 @@ def test_per_task_rows_handle_a_controller_that_gained_nothing():
     assert rows["a"]["retention_mean"] is None  # a got worse alone: no gain to retain
     assert rows["b"]["retention_mean"] == pytest.approx(0.5)  # (2.0 - 1.5) / (2.0 - 1.0)
     assert rows["a"]["unrelated_change_mean"] == rows["b"]["unrelated_change_max"] == pytest.approx(0.1)
+
+
+def test_additivity_splits_a_pairs_probe_change_into_its_controllers_own_and_the_rest(tmp_path, capsys):
+    """A pair's probe change = change under a alone + under b alone + the rest; fit seeds of one
+    config pool, each seed's single counted once however many pairs it is in."""
+    from benchmarks import quality
+    from benchmarks.report import additivity_rows, additivity_summary, seed_group
+
+    assert [seed_group(c) for c in ("default-s2", "default", "kl5-c1-s10", "m0.2-lr2e-2", "x-sb")] == \
+        ["default", "default", "kl5-c1", "m0.2-lr2e-2", "x-sb"]
+    ev = lambda config, task, nll, **kw: {"config": config, "task": task, "nll": nll, **kw}  # noqa: E731
+    pair = lambda config, a, b, nll: {"config": config, "rule": "sum", "a": a, "b": b, "unrelated_e": {"nll": nll}}  # noqa: E731
+    results = {"evals": [ev("base", "unrelated_e", 2.0),
+                         ev("c", "unrelated_e", 2.2, under="a"), ev("c", "unrelated_e", 2.0, under="b"),
+                         ev("c", "unrelated_e", 1.9, under="d"),
+                         ev("c-s1", "unrelated_e", 2.1, under="a"), ev("c-s1", "unrelated_e", 2.1, under="b")],
+               "pairs": [pair("c", "a", "b", 2.3), pair("c", "a", "d", 2.1), pair("c-s1", "a", "b", 2.2),
+                         {**pair("c", "b", "d", 9.9), "rule": "max"}]}  # another rule: not counted
+    rows = additivity_rows(results)
+    assert len(rows) == 3
+    ab = next(r for r in rows if (r["config"], r["a"], r["b"]) == ("c", "a", "b"))
+    assert (ab["change_a"], ab["change_b"], ab["change_pair"]) == pytest.approx((0.1, 0.0, 0.15))
+    assert ab["rest"] == pytest.approx(0.05)  # 0.15 - 0.1 - 0.0
+    by_probe, by_task = additivity_summary(rows)
+    (only,) = by_probe
+    assert only["config"] == "c" and only["pairs"] == 3
+    # rests: (c, a, b) 0.05; (c, a, d) 0.05 - 0.1 - (-0.05) = 0; (c-s1, a, b) 0.1 - 0.05 - 0.05 = 0
+    assert only["rest"] == pytest.approx(0.05 / 3) and only["rest_max_abs"] == pytest.approx(0.05)
+    a = next(r for r in by_task if r["task"] == "a")
+    assert a["seeds"] == 2 and a["alone"] == pytest.approx((0.1 + 0.05) / 2)  # seed c once, though in two pairs
+    assert (a["alone_min"], a["alone_max"]) == pytest.approx((0.05, 0.1))
+    assert a["in_pairs"] == pytest.approx((0.15 + 0.05 + 0.1) / 3)
+    path = tmp_path / "run.json"
+    path.write_text(json.dumps({"meta": {}, "memory": {}, "skipped": [], **results}))  # a results.json
+    assert quality.main(["additivity", str(path), "--config", "c"]) == 0
+    out = capsys.readouterr().out
+    assert "| c | unrelated_e | 3 |" in out and "| c | a | unrelated_e | 2 | +7.50% | +5.00% | +10.00% | +10.00% |" in out
+    with pytest.raises(SystemExit) as e:  # nothing to split: an error, not an empty table
+        quality.main(["additivity", str(path), "--config", "other"])
+    assert e.value.code == 2
 
 
 def test_every_gpu_mode_names_known_arms():
