@@ -168,8 +168,13 @@ def additivity_rows(results, rule="sum") -> list[dict]:
     """Is a composed pair's probe change the sum of its two controllers' own changes? One row per
     pair and probe: the change under a alone, under b alone, under the pair, and the rest
     (pair - a - b), which is all that composing adds beyond the two controllers' own leaks."""
-    base = {e["task"]: e["nll"] for e in results["evals"] if e["config"] == "base"}
-    single = {(e["config"], e["under"], e["task"]): e["nll"] for e in results["evals"] if "under" in e}
+    names, base, single = set(probes(results)), {}, {}
+    for e in results["evals"]:
+        if e["task"] not in names or (e["config"] != "base" and "under" not in e):
+            continue
+        table, key = (base, e["task"]) if e["config"] == "base" else (single, (e["config"], e["under"], e["task"]))
+        if table.setdefault(key, e["nll"]) != e["nll"]:  # one name, two scores: runs of two task draws (or models)
+            raise ValueError(f"{key} scored {table[key]} and {e['nll']} in the runs given: pass one task draw at a time")
     out = []
     for p in results["pairs"]:
         for k in probes(results) if p["rule"] == rule else ():

@@ -575,6 +575,12 @@ def test_additivity_splits_a_pairs_probe_change_into_its_controllers_own_and_the
     with pytest.raises(SystemExit) as e:  # nothing to split: an error, not an empty table
         quality.main(["additivity", str(path), "--config", "other"])
     assert e.value.code == 2
+    other = json.loads(path.read_text())  # another task draw: the same config names, other scores
+    other["evals"][1]["nll"] = 2.5
+    (tmp_path / "draw1.json").write_text(json.dumps(other))
+    with pytest.raises(SystemExit) as e:
+        quality.main(["additivity", str(path), str(tmp_path / "draw1.json")])
+    assert e.value.code == 2 and "one task draw at a time" in capsys.readouterr().err
 
 
 def test_every_gpu_mode_names_known_arms():
