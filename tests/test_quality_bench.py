@@ -537,6 +537,25 @@ def test_per_task_rows_handle_a_controller_that_gained_nothing():
     assert rows["a"]["unrelated_change_mean"] == rows["b"]["unrelated_change_max"] == pytest.approx(0.1)
 
 
+def test_a_run_on_chosen_main_tasks_fits_and_scores_only_those(tmp_path, capsys):
+    from benchmarks import quality
+
+    generate(tmp_path / "tasks", seed=0, n_train=8, n_eval=2)
+    common = ["run", "--tiny", "--tasks", str(tmp_path / "tasks"), "--out", str(tmp_path / "q"), "--steps", "1",
+              "--arms", "default-names-nll3", "--memory-configs", "none", "--quiet", "--eval-batch", "16"]
+    assert quality.main(common + ["--name", "one", "--main-tasks", "addition"]) == 0
+    res = json.loads((tmp_path / "q" / "one" / "results.json").read_text())
+    scored = {(e["config"], e["task"]) for e in res["evals"] if "under" not in e}
+    assert scored == {("base", "addition"), ("default-names-nll3", "addition")} | {
+        ("base", k) for k in quality.PROBES}
+    assert {e["under"] for e in res["evals"] if "under" in e} == {"addition"} and res["pairs"] == []
+    assert res["meta"]["main_tasks"] == ["addition"]
+    with pytest.raises(SystemExit) as e:  # a task the pack does not have: refused before any model loads
+        quality.main(common + ["--name", "bad", "--main-tasks", "addition,sums"])
+    assert e.value.code == 2 and "no task sums" in capsys.readouterr().err
+    assert not (tmp_path / "q" / "bad").exists()
+
+
 def test_additivity_splits_a_pairs_probe_change_into_its_controllers_own_and_the_rest(tmp_path, capsys):
     """A pair's probe change = change under a alone + under b alone + the rest; fit seeds of one
     config pool, each seed's single counted once however many pairs it is in."""
