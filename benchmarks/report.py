@@ -168,7 +168,7 @@ def additivity_rows(results, rule="sum") -> list[dict]:
     """Is a composed pair's probe change the sum of its two controllers' own changes? One row per
     pair and probe: the change under a alone, under b alone, under the pair, and the rest
     (pair - a - b), which is all that composing adds beyond the two controllers' own leaks."""
-    names, base, single = set(probes(results)), {}, {}
+    names, base, single = probes(results), {}, {}
     for e in results["evals"]:
         if e["task"] not in names or (e["config"] != "base" and "under" not in e):
             continue
@@ -177,7 +177,9 @@ def additivity_rows(results, rule="sum") -> list[dict]:
             raise ValueError(f"{key} scored {table[key]} and {e['nll']} in the runs given: pass one task draw at a time")
     out = []
     for p in results["pairs"]:
-        for k in probes(results) if p["rule"] == rule else ():
+        if p["rule"] != rule:
+            continue
+        for k in names:
             b0, a, b = base.get(k), single.get((p["config"], p["a"], k)), single.get((p["config"], p["b"], k))
             if k not in p or not b0 or a is None or b is None:
                 continue
