@@ -268,6 +268,13 @@ CONFIGS = {
     # run 14b: the library default (retain_nll 3) with the names text, the one KL text that took addition's own
     # E leak under +2 % (run 12: +1.6 % alone, nll 0); six seeds, as the adoption rule of run 13 asks
     **default_variant("default-names-nll3", seeds=range(6), retain_set=NAMES_KL_TEXT, retain_nll=3.0),
+    # run 15: the library default with retain_nll's hinge on each KL row instead of the step's KL text as a whole:
+    # under a pair the default lowers probes A and C by 1.5 and 7.5 % while E and F rise (run 14), and a hinge on
+    # the mean lets the rows that fall pay for the rows that rise; per row, none can. At weight 3 (every row's
+    # rise counts, so more pull than the mean's hinge) and 1
+    **{k: v for w in (3, 1) for k, v in default_variant(f"default-both-nll{w}-row", seeds=range(6),
+                                                         retain_set=RUN11_KL_TEXT, retain_nll=float(w),
+                                                         retain_nll_hinge="row").items()},
     # run 10g: per-controller budgets, more gates for the tasks that keep less of LoRA's gain
     **default_variant("default-budgets", task_gates={"addition": 12000, "json_person": 10000, "persona_pirate": 8000,
                                                      "preference_miles": 6000}),

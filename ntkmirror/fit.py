@@ -28,6 +28,7 @@ from .selection import contrast_scores, random_scores, saliency_scores, top_gate
 
 
 LR_SCHEDULES = ("constant", "cosine")
+NLL_HINGES = ("text", "row")  # where retain_nll's hinge is taken (retain_divergence)
 
 
 def lr_factor(schedule: str, step: int, steps: int) -> float:
@@ -65,6 +66,7 @@ class FitConfig:
     retain_tokens: str = "completion"  # where the KL is taken: "completion" tokens or "all" tokens of a row
     retain_kl_power: float = 1.0  # the KL term is the power mean (mean KL^p)^(1/p) over tokens: p > 1 leans on the worst
     retain_nll: float = 3.0  # weight of the rise of the KL text's own NLL (hinged at 0), a first-order term (run 13)
+    retain_nll_hinge: str = "text"  # hinge the rise of the step's KL text as a whole ("text") or of each row ("row")
     pair_kl: float = 0.0  # weight of the same KL under each controller composed with another of its pack
     compile: bool = False  # compile the fit step (compiled_fit): for long GPU fits of larger models / packs
 
@@ -89,6 +91,8 @@ class FitConfig:
         if not (math.isfinite(self.retain_kl_power) and self.retain_kl_power >= 1):
             raise ConfigError(f"retain_kl_power must be a number >= 1, got {self.retain_kl_power!r}")
         opener_kinds(self.retain_openers)
+        if self.retain_nll_hinge not in NLL_HINGES:
+            raise ConfigError(f"retain_nll_hinge must be one of {', '.join(NLL_HINGES)}, got {self.retain_nll_hinge!r}")
         if self.retain_tokens not in ("completion", "all"):
             raise ConfigError(f"retain_tokens must be completion or all, got {self.retain_tokens!r}")
         if self.lr_schedule not in LR_SCHEDULES:
@@ -178,12 +182,14 @@ def packed_nll(model, encoded_sets, gates: PackedGates | None, pad: int, rows_pe
 
 
 def retain_divergence(model, gates: PackedGates, retain: Batch, partners: torch.Tensor | None = None,
-                      kl_power: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+                      kl_power: float = 1.0, hinge_rows: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """How far each controller moves text it should leave alone, per retain token: (C,) mean
     KL(base || gated), and (C,) mean rise of the retain text's own NLL (gated - base). Every
     controller sees every retain row. With partners (C,), controller c is composed with controller
     partners[c]: how far the pair moves it. kl_power p > 1 takes the power mean (mean KL^p)^(1/p)
-    instead: the same number when every token moves alike, more weight on the tokens moved most."""
+    instead: the same number when every token moves alike, more weight on the tokens moved most.
+    hinge_rows: the second number is the mean over rows of each row's own mean rise hinged at 0, so a
+    row whose NLL falls cannot pay for one whose NLL rises."""
     C, R = gates.raw.shape[0], retain.input_ids.shape[0]
     with torch.no_grad():
         base = F.log_softmax(supervised_logits(model, retain)[0], -1)  # (N, V)
@@ -199,12 +205,15 @@ def retain_divergence(model, gates: PackedGates, retain: Batch, partners: torch.
         kl_c = group_means(kl, owner, C)
     else:  # clamped away from 0: at the base model every KL is 0, where x^(1/p) has no finite slope
         kl_c = group_means(kl.clamp_min(0).pow(kl_power), owner, C).clamp_min(1e-30).pow(1 / kl_power)
+    if hinge_rows:
+        return kl_c, group_means(rise, row, C * R).clamp_min(0).view(C, R).mean(1)
     return kl_c, group_means(rise, owner, C)
 
 
 def train_step(model, gates: PackedGates, opt, batch: Batch, row_ctrl: torch.Tensor, l2: float,
                retain: Batch | None = None, retain_kl: float = 0.0, partners: torch.Tensor | None = None,
-               pair_kl: float = 0.0, retain_nll: float = 0.0, kl_power: float = 1.0) -> torch.Tensor:
+               pair_kl: float = 0.0, retain_nll: float = 0.0, kl_power: float = 1.0,
+               nll_hinge_rows: bool = False) -> torch.Tensor:
     """One optimiser step for all C packed controllers; returns each one's loss, (C,).
 
     Autograd starts at the lowest gated layer: the weights are frozen, so nothing below it
@@ -215,7 +224,7 @@ def train_step(model, gates: PackedGates, opt, batch: Batch, row_ctrl: torch.Ten
     loss_c = group_means(tl.nll, row_ctrl[tl.row], C)  # (C,) each controller's own mean
     loss = loss_c.sum() + l2 * gates.log_gates().pow(2).mean(1).sum()
     if retain is not None and (retain_kl > 0 or retain_nll > 0):
-        kl, rise = retain_divergence(model, gates, retain, kl_power=kl_power)
+        kl, rise = retain_divergence(model, gates, retain, kl_power=kl_power, hinge_rows=nll_hinge_rows)
         loss = loss + retain_kl * kl.sum()
         if retain_nll > 0:  # the KL is second order at the base model; real text's NLL moves at first order
             loss = loss + retain_nll * rise.clamp_min(0).sum()
@@ -337,7 +346,8 @@ def fit_controllers(model, tokenizer, datasets: Sequence[Sequence[Example]], con
                 partners = (torch.arange(C) + torch.randint(1, C, (1,), generator=partner_gen)) % C
                 partners = partners.to(device)
             loss_c = train_step(model, gates, opt, batch.to(device), row_ctrl.to(device), cfg.l2, retain_batch,
-                                cfg.retain_kl, partners, cfg.pair_kl, cfg.retain_nll, cfg.retain_kl_power)
+                                cfg.retain_kl, partners, cfg.pair_kl, cfg.retain_nll, cfg.retain_kl_power,
+                                cfg.retain_nll_hinge == "row")
             schedule.step()
             steps_run = step + 1
             if progress and step % 10 == 0:  # .item() waits for the GPU: not every step

@@ -168,6 +168,46 @@ def test_retain_nll_keeps_the_retain_texts_nll_from_rising(model, tok):
         FitConfig(retain_nll=-1.0).check()
 
 
+def _row_nll(model, tok, ctrl: Controller | None, examples) -> torch.Tensor:
+    """Each example's mean NLL over its completion tokens, computed here one row at a time."""
+    with attach(model, ctrl):
+        return torch.stack([token_losses(model, collate(encode_all(tok, [ex], 256, True), pad_id(tok))).nll.mean()
+                            for ex in examples])
+
+
+def test_row_hinge_lets_no_retain_row_pay_for_another(model, tok):
+    """retain_nll_hinge "row": the rise term is the mean over rows of each row's own mean rise hinged
+    at 0 (checked against rows scored one by one), so a row whose NLL falls does not offset one whose
+    NLL rises; and a fit with it holds the worst row's rise lower than the hinge on the whole text."""
+    from ntkmirror.fit import PackedGates, retain_divergence
+
+    retain = [Example("", "The quick brown fox jumps over the lazy dog."), Example("Hello", " world! user assistant"),
+              Example("Paris is the capital of", " France, and Rome that of Italy.")]
+    batch = collate(encode_all(tok, retain, 256, True), pad_id(tok))
+    L, H = model.config.num_hidden_layers, model.config.hidden_size
+    chans = [torch.arange(0, H, 2), torch.arange(1, H, 2)]
+    gates = PackedGates([torch.zeros(len(c), dtype=torch.long) + 1 for c in chans], chans, H, 0.5, "cpu")
+    base = _row_nll(model, tok, None, retain)
+    with torch.no_grad():
+        gates.raw.copy_(torch.randn(gates.raw.shape, generator=torch.Generator().manual_seed(0)))
+        _, text_rise = retain_divergence(model, gates, batch)
+        _, row_rise = retain_divergence(model, gates, batch, hinge_rows=True)
+        for c in range(2):
+            rises = _row_nll(model, tok, gates.controller(c, n_layers=L, hidden_size=H), retain) - base
+            assert float(row_rise[c]) == pytest.approx(float(rises.clamp_min(0).mean()), abs=1e-4)
+        assert (row_rise >= text_rise.clamp_min(0) - 1e-6).all()  # a hinge inside the mean never weighs less
+    train = [Example(**r) for r in arithmetic_rows(16, seed=1)]
+    cfg = dict(gates=64, steps=25, batch_size=4, score_batches=2, lr=5e-2, max_log_gate=0.5, retain_rows=3,
+               retain_samples=0, retain_kl=0.0, retain_nll=3.0, selection_contrast=0.0)
+    text, per_row = (fit_controllers(model, tok, [train], FitConfig(**cfg, retain_nll_hinge=h), progress=False,
+                                     retain=retain)[0] for h in ("text", "row"))
+    assert per_row.meta["fit"]["retain_nll_hinge"] == "row" and torch.equal(text.keys(), per_row.keys())
+    worst = [float((_row_nll(model, tok, c, retain) - base).max()) for c in (text, per_row)]
+    assert worst[1] < worst[0]
+    with pytest.raises(ConfigError, match="retain_nll_hinge"):
+        FitConfig(retain_nll_hinge="token").check()
+
+
 def test_pair_kl_keeps_a_composed_pair_closer_to_base(model, tok):
     """pair_kl takes the retain KL under each controller composed with a pack partner: the
     composed pair then moves the retain text less than a pair fitted with the single KL only."""
