@@ -101,9 +101,7 @@ case $what in
   interfere59) args=(--arms default-both-nll3-s3,default-both-nll3-s4,default-both-nll3-s5 --memory-configs none --rules sum) ;;  # run 13d
   interfere60) args=(--arms default-both-nll3-row,default-both-nll3-row-s1,default-both-nll3-row-s2,default-both-nll1-row --memory-configs none --rules sum) ;;  # run 15a
   interfere61) args=(--arms default-both-nll3-row-s3,default-both-nll3-row-s4,default-both-nll3-row-s5 --memory-configs none --rules sum) ;;  # run 15b
-  interfere62) args=(--arms default-both-nll1-row-s1,default-both-nll1-row-s2,default-both-nll1-row-s3 --memory-configs none --rules sum) ;;  # run 15b
   tasks1e) args=(--arms default-both-nll3-row,default-both-nll3-row-s1,default-both-nll3-row-s2 --memory-configs none --rules sum) ;;  # run 15c, with TASK_SEED=1
-  tasks1f) args=(--arms default-both-nll1-row,default-both-nll1-row-s1,default-both-nll1-row-s2 --memory-configs none --rules sum) ;;  # run 15c, with TASK_SEED=1
   tasks2b) args=(--arms default-both-nll3-row,default-both-nll3-row-s1,default-both-nll3-row-s2 --memory-configs none --rules sum) ;;  # run 15c, with TASK_SEED=2
   memory15) args=(--arms default-both-nll3-row --memory-configs default-both-nll3-row --rules sum) ;;  # run 15d: the row hinge, memory benchmark
   tasks1c) args=(--arms default,default-both,default-names --memory-configs none --rules sum) ;;  # run 12c, with TASK_SEED=1
@@ -115,7 +113,7 @@ case $what in
   tasks2) args=(--arms default-both-nll3,default-both-nll3-s1,default-both-nll3-s2,default-both --memory-configs none --rules sum) ;;  # run 13g, with TASK_SEED=2
   tasks1) args=(--arms kl5-c1,kl5-c1b-clauses-r8 --memory-configs none --rules sum) ;;  # with TASK_SEED=1
   fix) args=(--arms ctrl-5000,m0.2-lr2e-2-kl5,lora,m0.2-lr2e-2 --memory-configs m0.2-lr2e-2-kl5,ctrl-5000) ;;
-  *) echo "usage: $0 main|sweep|fix|interfere|interfere2|interfere3|interfere4|interfere5|interfere6|interfere7|interfere8|interfere9|interfere10|interfere11|interfere12|interfere13|interfere14|interfere15|interfere16|interfere17|interfere18|interfere19|interfere20|interfere21|interfere22|interfere23|interfere24|interfere25|interfere26|interfere27|interfere28|interfere29|interfere30|interfere31|interfere32|interfere33|interfere34|interfere35|interfere36|interfere37|interfere38|interfere39|interfere40|interfere41|interfere42|interfere43|interfere44|interfere45|interfere46|interfere47|interfere48|interfere49|interfere50|interfere51|interfere52|interfere53|interfere54|interfere55|interfere56|interfere57|interfere58|interfere59|interfere60|interfere61|interfere62|memory6|memory15|memory11|memory13|memory8|tasks1b|tasks1c|tasks1d|tasks1e|tasks1f|tasks2|tasks2b|tasks1 [OUT]" >&2; exit 2 ;;
+  *) echo "usage: $0 main|sweep|fix|interfere|interfere2|interfere3|interfere4|interfere5|interfere6|interfere7|interfere8|interfere9|interfere10|interfere11|interfere12|interfere13|interfere14|interfere15|interfere16|interfere17|interfere18|interfere19|interfere20|interfere21|interfere22|interfere23|interfere24|interfere25|interfere26|interfere27|interfere28|interfere29|interfere30|interfere31|interfere32|interfere33|interfere34|interfere35|interfere36|interfere37|interfere38|interfere39|interfere40|interfere41|interfere42|interfere43|interfere44|interfere45|interfere46|interfere47|interfere48|interfere49|interfere50|interfere51|interfere52|interfere53|interfere54|interfere55|interfere56|interfere57|interfere58|interfere59|interfere60|interfere61|memory6|memory15|memory11|memory13|memory8|tasks1b|tasks1c|tasks1d|tasks1e|tasks2|tasks2b|tasks1 [OUT]" >&2; exit 2 ;;
 esac
 # the tokenizer files of a local cache (.carry/tok): transformers versions differ in the EOS they give the GGUF
 [ -d .carry/tok ] && args+=(--tokenizer .carry/tok)

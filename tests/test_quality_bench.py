@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from ntkmirror.controller import Controller
 from ntkmirror.data import Example, collate, encode_all, load_jsonl_examples, pad_id
 from ntkmirror.errors import ConfigError
-from ntkmirror.fit import FitConfig, fit_controllers
+from ntkmirror.fit import FitConfig, PackedGates, fit_controllers, retain_divergence
 from ntkmirror.gates import attach
 from ntkmirror.objective import supervised_logits, token_losses
 from tiny import arithmetic_rows
@@ -94,16 +94,23 @@ def _retain_nll(model, tok, ctrl: Controller | None, examples) -> float:
         return float(token_losses(model, batch).nll.mean())
 
 
+def _two_gate_sets(model) -> PackedGates:
+    """Two packed controllers on layer 1, one on the even channels and one on the odd, every gate at 0."""
+    H = model.config.hidden_size
+    chans = [torch.arange(0, H, 2), torch.arange(1, H, 2)]
+    return PackedGates([torch.zeros(len(c), dtype=torch.long) + 1 for c in chans], chans, H, 0.5, "cpu")
+
+
+def _as_controller(model, gates: PackedGates, c: int) -> Controller:
+    return gates.controller(c, n_layers=model.config.num_hidden_layers, hidden_size=model.config.hidden_size)
+
+
 def test_retain_divergence_measures_kl_and_the_rise_of_the_texts_own_nll(model, tok):
     """retain_divergence's second number is the gated minus the base NLL of the retain text's own
     tokens, per controller; both numbers are 0 with every gate at 0."""
-    from ntkmirror.fit import PackedGates, retain_divergence
-
     retain = [Example("", "The quick brown fox jumps over the lazy dog."), Example("Hello", " world! user assistant")]
     batch = collate(encode_all(tok, retain, 256, True), pad_id(tok))
-    L, H = model.config.num_hidden_layers, model.config.hidden_size
-    chans = [torch.arange(0, H, 2), torch.arange(1, H, 2)]
-    gates = PackedGates([torch.zeros(len(c), dtype=torch.long) + 1 for c in chans], chans, H, 0.5, "cpu")
+    gates = _two_gate_sets(model)
     with torch.no_grad():
         kl, rise = retain_divergence(model, gates, batch)
         assert kl.abs().max() < 1e-6 and rise.abs().max() < 1e-5
@@ -111,22 +118,18 @@ def test_retain_divergence_measures_kl_and_the_rise_of_the_texts_own_nll(model, 
         kl, rise = retain_divergence(model, gates, batch)
     base = _retain_nll(model, tok, None, retain)
     for c in range(2):
-        assert float(rise[c]) == pytest.approx(_retain_nll(model, tok, gates.controller(c, n_layers=L, hidden_size=H),
+        assert float(rise[c]) == pytest.approx(_retain_nll(model, tok, _as_controller(model, gates, c),
                                                            retain) - base, abs=1e-4)
-        assert float(kl[c]) == pytest.approx(_retain_kl(model, tok, gates.controller(c, n_layers=L, hidden_size=H),
+        assert float(kl[c]) == pytest.approx(_retain_kl(model, tok, _as_controller(model, gates, c),
                                                         retain), abs=1e-4)
 
 
 def test_kl_power_mean_leans_on_the_tokens_moved_most(model, tok):
     """retain_kl_power p: the KL term is (mean KL^p)^(1/p) over each controller's retain tokens; at
     the base model (every KL 0) its gradient is finite; and a fit with it holds the worst token down."""
-    from ntkmirror.fit import PackedGates, retain_divergence
-
     retain = [Example("", "The quick brown fox jumps over the lazy dog."), Example("Hello", " world! user assistant")]
     batch = collate(encode_all(tok, retain, 256, True), pad_id(tok))
-    L, H = model.config.num_hidden_layers, model.config.hidden_size
-    chans = [torch.arange(0, H, 2), torch.arange(1, H, 2)]
-    gates = PackedGates([torch.zeros(len(c), dtype=torch.long) + 1 for c in chans], chans, H, 0.5, "cpu")
+    gates = _two_gate_sets(model)
     kl, _ = retain_divergence(model, gates, batch, kl_power=2.0)
     kl.sum().backward()
     assert torch.isfinite(gates.raw.grad).all()
@@ -136,7 +139,7 @@ def test_kl_power_mean_leans_on_the_tokens_moved_most(model, tok):
         for p in (2.0, 4.0):
             kl_p, _ = retain_divergence(model, gates, batch, kl_power=p)
             for c in range(2):
-                k = _token_kl(model, tok, gates.controller(c, n_layers=L, hidden_size=H), retain)
+                k = _token_kl(model, tok, _as_controller(model, gates, c), retain)
                 assert float(kl_p[c]) == pytest.approx(float(k.pow(p).mean() ** (1 / p)), rel=1e-3)
                 assert float(kl_p[c]) > 1.01 * float(mean_kl[c])  # the tokens do not all move alike
     train = [Example(**r) for r in arithmetic_rows(16, seed=1)]
@@ -179,21 +182,17 @@ def test_row_hinge_lets_no_retain_row_pay_for_another(model, tok):
     """retain_nll_hinge "row": the rise term is the mean over rows of each row's own mean rise hinged
     at 0 (checked against rows scored one by one), so a row whose NLL falls does not offset one whose
     NLL rises; and a fit with it holds the worst row's rise lower than the hinge on the whole text."""
-    from ntkmirror.fit import PackedGates, retain_divergence
-
     retain = [Example("", "The quick brown fox jumps over the lazy dog."), Example("Hello", " world! user assistant"),
               Example("Paris is the capital of", " France, and Rome that of Italy.")]
     batch = collate(encode_all(tok, retain, 256, True), pad_id(tok))
-    L, H = model.config.num_hidden_layers, model.config.hidden_size
-    chans = [torch.arange(0, H, 2), torch.arange(1, H, 2)]
-    gates = PackedGates([torch.zeros(len(c), dtype=torch.long) + 1 for c in chans], chans, H, 0.5, "cpu")
+    gates = _two_gate_sets(model)
     base = _row_nll(model, tok, None, retain)
     with torch.no_grad():
         gates.raw.copy_(torch.randn(gates.raw.shape, generator=torch.Generator().manual_seed(0)))
         _, text_rise = retain_divergence(model, gates, batch)
         _, row_rise = retain_divergence(model, gates, batch, hinge_rows=True)
         for c in range(2):
-            rises = _row_nll(model, tok, gates.controller(c, n_layers=L, hidden_size=H), retain) - base
+            rises = _row_nll(model, tok, _as_controller(model, gates, c), retain) - base
             assert float(row_rise[c]) == pytest.approx(float(rises.clamp_min(0).mean()), abs=1e-4)
         assert (row_rise >= text_rise.clamp_min(0) - 1e-6).all()  # a hinge inside the mean never weighs less
     train = [Example(**r) for r in arithmetic_rows(16, seed=1)]
@@ -233,7 +232,6 @@ def test_pair_kl_keeps_a_composed_pair_closer_to_base(model, tok):
 def test_packed_pair_gates_compose_like_compose(model):
     """The pair gates the fit trains through (PackedGates.rows with partners) are the clipped sum
     that serving applies (row_gates / compose) to the same two controllers."""
-    from ntkmirror.fit import PackedGates
     from ntkmirror.gates import row_gates
 
     L, H = 2, 8
