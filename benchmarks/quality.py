@@ -69,6 +69,12 @@ def default_variant(name: str, seeds=(0, 1, 2), base=RUN8, **overrides) -> dict:
 RUN11_KL_TEXT = "+".join([RUN8_KL_TEXT, "ntkmirror/retain_longwords.jsonl", "ntkmirror/retain_codeswitch.jsonl"])
 NAMES_KL_TEXT = RUN11_KL_TEXT + "+benchmarks/tasks/retain_names.jsonl"
 
+
+def codeswitch_kl_text(times: int) -> str:
+    """Run 11's KL text with its code-switch rows (probe F's shape) in it `times` times: drawn that much more often."""
+    return RUN11_KL_TEXT + "+ntkmirror/retain_codeswitch.jsonl" * (times - 1)
+
+
 CONFIGS = {
     "default": dict(RUN8),
     # the library's default as it stands: FitConfig() with fit_controllers' own KL and contrast text (run 11's
@@ -275,6 +281,11 @@ CONFIGS = {
     **{k: v for w in (3, 1) for k, v in default_variant(f"default-both-nll{w}-row", seeds=range(6),
                                                          retain_set=RUN11_KL_TEXT, retain_nll=float(w),
                                                          retain_nll_hinge="row").items()},
+    # run 16: the code-switch rows drawn twice or three times as often, with either hinge: the row hinge took E
+    # under +2 % and let F rise (run 15), and F's cells are what is left over +2 % under the text hinge (run 13)
+    **{k: v for n in (2, 3) for hinge in ("row", "text") for k, v in default_variant(
+        f"default-both-nll3{'-row' if hinge == 'row' else ''}-cs{n}", seeds=range(6), retain_set=codeswitch_kl_text(n),
+        retain_nll=3.0, retain_nll_hinge=hinge).items()},
     # run 10g: per-controller budgets, more gates for the tasks that keep less of LoRA's gain
     **default_variant("default-budgets", task_gates={"addition": 12000, "json_person": 10000, "persona_pirate": 8000,
                                                      "preference_miles": 6000}),

@@ -3,6 +3,7 @@
 #   bash benchmarks/quality_gpu.sh main  [OUT]   # base, controllers 5000/512/all, random gates, LoRA, IA3, memory
 #   bash benchmarks/quality_gpu.sh sweep [OUT]   # candidate defaults (+ the memory benchmark for the best one)
 #   bash benchmarks/quality_gpu.sh interfere [OUT]  # levers against interference on unrelated text (issue 7)
+#   bash benchmarks/quality_gpu.sh interfere62,interfere63 [OUT]  # several modes side by side on one GPU
 # The embedded model's GGUF comes as in ../shared/tools/README.md (/tmp/carry/part-1, part-2, NAME);
 # `gguf` from a wheel in .carry/mini/ when the host lacks it. Results are copied to OUT (default: $OUT).
 # Then, on any machine with memory_store: python -m benchmarks.quality retrieval <run dir>, and
@@ -19,7 +20,19 @@ if ! python3 -c "import gguf" 2>/dev/null; then
 fi
 export PYTHONPATH=.:${PYTHONPATH:-} PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 # TASK_SEED: another draw of the task pack (same probes), to check a result is not the seed-0 rows
-python3 -m benchmarks.tasks.generate --out runs/tasks --seed "${TASK_SEED:-0}" > /dev/null || exit 1
+[ -n "${NTK_TASKS_READY:-}" ] || python3 -m benchmarks.tasks.generate --out runs/tasks --seed "${TASK_SEED:-0}" > /dev/null || exit 1
+# MODE,MODE,...: the modes side by side on the one GPU, each in a process of its own (one process keeps the GPU
+# mostly idle: the model is small and each step's kernels are short). Their fit seconds are not those of a mode
+# run alone. Each mode's files go to OUT/MODE, its output to OUT/MODE.out.
+if [[ $what == *,* ]]; then
+  mkdir -p "$dest"; pids=()
+  for mode in ${what//,/ }; do
+    NTK_TASKS_READY=1 bash "$0" "$mode" "$dest/$mode" > "$dest/$mode.out" 2>&1 & pids+=($!)
+  done
+  rc=0; for pid in "${pids[@]}"; do wait "$pid" || rc=1; done
+  for mode in ${what//,/ }; do echo "== $mode"; tail -n 8 "$dest/$mode.out"; done
+  exit $rc
+fi
 case $what in
   main) args=(--arms ctrl-5000,lora,ia3,ctrl-512,ctrl-all,random-5000 --memory-configs ctrl-5000) ;;
   sweep) args=(--arms m0.2-lr2e-2,m0.2-lr2e-2-kl1,lr2e-2,m0.1-lr2e-2,m0.1-lr2e-2-kl1,m0.2-lr2e-2-kl5,m0.2-lr2e-2-g1000-kl1,m0.2-lr2e-2-coherent,m0.2-lr2e-2-last15,m0.2-lr2e-2-g1000,m0.2-lr2e-2-first15
@@ -101,6 +114,9 @@ case $what in
   interfere59) args=(--arms default-both-nll3-s3,default-both-nll3-s4,default-both-nll3-s5 --memory-configs none --rules sum) ;;  # run 13d
   interfere60) args=(--arms default-both-nll3-row,default-both-nll3-row-s1,default-both-nll3-row-s2,default-both-nll1-row --memory-configs none --rules sum) ;;  # run 15a
   interfere61) args=(--arms default-both-nll3-row-s3,default-both-nll3-row-s4,default-both-nll3-row-s5 --memory-configs none --rules sum) ;;  # run 15b
+  interfere62) args=(--arms default-both-nll3-row-cs2,default-both-nll3-row-cs2-s1 --memory-configs none --rules sum) ;;  # run 16a
+  interfere63) args=(--arms default-both-nll3-row-cs3,default-both-nll3-row-cs2-s2 --memory-configs none --rules sum) ;;  # run 16a
+  interfere64) args=(--arms default-both-nll3-cs2,default-both-nll3-row-cs3-s1 --memory-configs none --rules sum) ;;  # run 16a
   tasks1e) args=(--arms default-both-nll3-row,default-both-nll3-row-s1,default-both-nll3-row-s2 --memory-configs none --rules sum) ;;  # run 15c, with TASK_SEED=1
   tasks2b) args=(--arms default-both-nll3-row,default-both-nll3-row-s1,default-both-nll3-row-s2 --memory-configs none --rules sum) ;;  # run 15c, with TASK_SEED=2
   memory15) args=(--arms default-both-nll3-row --memory-configs default-both-nll3-row --rules sum) ;;  # run 15d: the row hinge, memory benchmark
@@ -113,7 +129,7 @@ case $what in
   tasks2) args=(--arms default-both-nll3,default-both-nll3-s1,default-both-nll3-s2,default-both --memory-configs none --rules sum) ;;  # run 13g, with TASK_SEED=2
   tasks1) args=(--arms kl5-c1,kl5-c1b-clauses-r8 --memory-configs none --rules sum) ;;  # with TASK_SEED=1
   fix) args=(--arms ctrl-5000,m0.2-lr2e-2-kl5,lora,m0.2-lr2e-2 --memory-configs m0.2-lr2e-2-kl5,ctrl-5000) ;;
-  *) echo "usage: $0 main|sweep|fix|interfere|interfere2|interfere3|interfere4|interfere5|interfere6|interfere7|interfere8|interfere9|interfere10|interfere11|interfere12|interfere13|interfere14|interfere15|interfere16|interfere17|interfere18|interfere19|interfere20|interfere21|interfere22|interfere23|interfere24|interfere25|interfere26|interfere27|interfere28|interfere29|interfere30|interfere31|interfere32|interfere33|interfere34|interfere35|interfere36|interfere37|interfere38|interfere39|interfere40|interfere41|interfere42|interfere43|interfere44|interfere45|interfere46|interfere47|interfere48|interfere49|interfere50|interfere51|interfere52|interfere53|interfere54|interfere55|interfere56|interfere57|interfere58|interfere59|interfere60|interfere61|memory6|memory15|memory11|memory13|memory8|tasks1b|tasks1c|tasks1d|tasks1e|tasks2|tasks2b|tasks1 [OUT]" >&2; exit 2 ;;
+  *) echo "usage: $0 MODE[,MODE...] [OUT]: MODE one of the labels above"  >&2; exit 2 ;;
 esac
 # the tokenizer files of a local cache (.carry/tok): transformers versions differ in the EOS they give the GGUF
 [ -d .carry/tok ] && args+=(--tokenizer .carry/tok)
