@@ -117,6 +117,7 @@ case $what in
   interfere62) args=(--arms default-both-nll3-row-cs2,default-both-nll3-row-cs2-s1 --memory-configs none --rules sum) ;;  # run 16a
   interfere63) args=(--arms default-both-nll3-row-cs3,default-both-nll3-row-cs2-s2 --memory-configs none --rules sum) ;;  # run 16a
   interfere64) args=(--arms default-both-nll3-cs2,default-both-nll3-row-cs3-s1 --memory-configs none --rules sum) ;;  # run 16a
+  interfere65) args=(--arms default-both-nll3,default-both-nll3-cs2-s1 --memory-configs none --rules sum) ;;  # run 16a: the default, this GPU
   tasks1e) args=(--arms default-both-nll3-row,default-both-nll3-row-s1,default-both-nll3-row-s2 --memory-configs none --rules sum) ;;  # run 15c, with TASK_SEED=1
   tasks2b) args=(--arms default-both-nll3-row,default-both-nll3-row-s1,default-both-nll3-row-s2 --memory-configs none --rules sum) ;;  # run 15c, with TASK_SEED=2
   memory15) args=(--arms default-both-nll3-row --memory-configs default-both-nll3-row --rules sum) ;;  # run 15d: the row hinge, memory benchmark
