@@ -3,7 +3,7 @@
 #   bash benchmarks/quality_gpu.sh main  [OUT]   # base, controllers 5000/512/all, random gates, LoRA, IA3, memory
 #   bash benchmarks/quality_gpu.sh sweep [OUT]   # candidate defaults (+ the memory benchmark for the best one)
 #   bash benchmarks/quality_gpu.sh interfere [OUT]  # levers against interference on unrelated text (issue 7)
-#   bash benchmarks/quality_gpu.sh interfere62,interfere63 [OUT]  # several modes side by side on one GPU
+#   bash benchmarks/quality_gpu.sh interfere62,tasks1f@1 [OUT]  # several modes side by side on one GPU (@: TASK_SEED)
 # The embedded model's GGUF comes as in ../shared/tools/README.md (/tmp/carry/part-1, part-2, NAME);
 # `gguf` from a wheel in .carry/mini/ when the host lacks it. Results are copied to OUT (default: $OUT).
 # Then, on any machine with memory_store: python -m benchmarks.quality retrieval <run dir>, and
@@ -19,18 +19,23 @@ if ! python3 -c "import gguf" 2>/dev/null; then
   pip install -q --no-deps --target /tmp/gg .carry/mini/gguf-*.whl && export PYTHONPATH=/tmp/gg
 fi
 export PYTHONPATH=.:${PYTHONPATH:-} PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-# TASK_SEED: another draw of the task pack (same probes), to check a result is not the seed-0 rows
-[ -n "${NTK_TASKS_READY:-}" ] || python3 -m benchmarks.tasks.generate --out runs/tasks --seed "${TASK_SEED:-0}" > /dev/null || exit 1
-# MODE,MODE,...: the modes side by side on the one GPU, each in a process of its own (one process keeps the GPU
-# mostly idle: the model is small and each step's kernels are short). Their fit seconds are not those of a mode
-# run alone. Each mode's files go to OUT/MODE, its output to OUT/MODE.out.
+# TASK_SEED: another draw of the task pack (same probes), to check a result is not the seed-0 rows; each draw
+# in a directory of its own, written once (under a lock: modes side by side may ask for the same draw)
+seed=${TASK_SEED:-0}; tasks=runs/tasks-$seed
+mkdir -p runs
+flock "runs/.tasks-$seed.lock" bash -c "[ -f $tasks/manifest.json ] || python3 -m benchmarks.tasks.generate --out $tasks --seed $seed > /dev/null" || exit 1
+# MODE[@TASK_SEED],...: the modes side by side on the one GPU, each in a process of its own (one process keeps the
+# GPU mostly idle: the model is small and each step's kernels are short). Their fit seconds are not those of a
+# mode run alone. Each mode's files go to OUT/MODE, its output to OUT/MODE.out.
 if [[ $what == *,* ]]; then
-  mkdir -p "$dest"; pids=()
-  for mode in ${what//,/ }; do
-    NTK_TASKS_READY=1 bash "$0" "$mode" "$dest/$mode" > "$dest/$mode.out" 2>&1 & pids+=($!)
+  mkdir -p "$dest"; pids=(); modes=()
+  for spec in ${what//,/ }; do
+    mode=${spec%@*}; modes+=("$mode")
+    [[ $spec == *@* ]] && draw=${spec#*@} || draw=$seed
+    TASK_SEED=$draw bash "$0" "$mode" "$dest/$mode" > "$dest/$mode.out" 2>&1 & pids+=($!)
   done
   rc=0; for pid in "${pids[@]}"; do wait "$pid" || rc=1; done
-  for mode in ${what//,/ }; do echo "== $mode"; tail -n 8 "$dest/$mode.out"; done
+  for mode in "${modes[@]}"; do echo "== $mode"; tail -n 8 "$dest/$mode.out"; done
   exit $rc
 fi
 case $what in
@@ -130,12 +135,12 @@ case $what in
   tasks2) args=(--arms default-both-nll3,default-both-nll3-s1,default-both-nll3-s2,default-both --memory-configs none --rules sum) ;;  # run 13g, with TASK_SEED=2
   tasks1) args=(--arms kl5-c1,kl5-c1b-clauses-r8 --memory-configs none --rules sum) ;;  # with TASK_SEED=1
   fix) args=(--arms ctrl-5000,m0.2-lr2e-2-kl5,lora,m0.2-lr2e-2 --memory-configs m0.2-lr2e-2-kl5,ctrl-5000) ;;
-  *) echo "usage: $0 MODE[,MODE...] [OUT]: MODE one of the labels above"  >&2; exit 2 ;;
+  *) echo "usage: $0 MODE[@TASK_SEED][,MODE...] [OUT]: MODE one of the labels above"  >&2; exit 2 ;;
 esac
 # the tokenizer files of a local cache (.carry/tok): transformers versions differ in the EOS they give the GGUF
 [ -d .carry/tok ] && args+=(--tokenizer .carry/tok)
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
-timeout "${QUALITY_TIMEOUT:-545}" python3 -m benchmarks.quality run --tasks runs/tasks --out runs/quality --name "$what" \
+timeout "${QUALITY_TIMEOUT:-545}" python3 -m benchmarks.quality run --tasks "$tasks" --out runs/quality --name "$what" \
   --quiet --time-budget "${QUALITY_BUDGET:-470}" "${args[@]}"
 rc=$?
 mkdir -p "$dest"
