@@ -19,11 +19,6 @@ if ! python3 -c "import gguf" 2>/dev/null; then
   pip install -q --no-deps --target /tmp/gg .carry/mini/gguf-*.whl && export PYTHONPATH=/tmp/gg
 fi
 export PYTHONPATH=.:${PYTHONPATH:-} PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-# TASK_SEED: another draw of the task pack (same probes), to check a result is not the seed-0 rows; each draw
-# in a directory of its own, written once (under a lock: modes side by side may ask for the same draw)
-seed=${TASK_SEED:-0}; tasks=runs/tasks-$seed
-mkdir -p runs
-flock "runs/.tasks-$seed.lock" bash -c "[ -f $tasks/manifest.json ] || python3 -m benchmarks.tasks.generate --out $tasks --seed $seed > /dev/null" || exit 1
 # MODE[@TASK_SEED],...: the modes side by side on the one GPU, each in a process of its own (one process keeps the
 # GPU mostly idle: the model is small and each step's kernels are short). Their fit seconds are not those of a
 # mode run alone. Each mode's files go to OUT/MODE, its output to OUT/MODE.out.
@@ -31,13 +26,18 @@ if [[ $what == *,* ]]; then
   mkdir -p "$dest"; pids=(); modes=()
   for spec in ${what//,/ }; do
     mode=${spec%@*}; modes+=("$mode")
-    [[ $spec == *@* ]] && draw=${spec#*@} || draw=$seed
+    [[ $spec == *@* ]] && draw=${spec#*@} || draw=${TASK_SEED:-0}
     TASK_SEED=$draw bash "$0" "$mode" "$dest/$mode" > "$dest/$mode.out" 2>&1 & pids+=($!)
   done
   rc=0; for pid in "${pids[@]}"; do wait "$pid" || rc=1; done
   for mode in "${modes[@]}"; do echo "== $mode"; tail -n 8 "$dest/$mode.out"; done
   exit $rc
 fi
+# TASK_SEED: another draw of the task pack (same probes), to check a result is not the seed-0 rows; each draw
+# in a directory of its own, written once (under a lock: modes side by side may ask for the same draw)
+seed=${TASK_SEED:-0}; tasks=runs/tasks-$seed
+mkdir -p runs
+flock "runs/.tasks-$seed.lock" bash -c "[ -f $tasks/manifest.json ] || python3 -m benchmarks.tasks.generate --out $tasks --seed $seed > /dev/null" || exit 1
 case $what in
   main) args=(--arms ctrl-5000,lora,ia3,ctrl-512,ctrl-all,random-5000 --memory-configs ctrl-5000) ;;
   sweep) args=(--arms m0.2-lr2e-2,m0.2-lr2e-2-kl1,lr2e-2,m0.1-lr2e-2,m0.1-lr2e-2-kl1,m0.2-lr2e-2-kl5,m0.2-lr2e-2-g1000-kl1,m0.2-lr2e-2-coherent,m0.2-lr2e-2-last15,m0.2-lr2e-2-g1000,m0.2-lr2e-2-first15
