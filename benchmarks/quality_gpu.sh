@@ -123,6 +123,9 @@ case $what in
   interfere63) args=(--arms default-both-nll3-row-cs3,default-both-nll3-row-cs2-s2 --memory-configs none --rules sum) ;;  # run 16a
   interfere64) args=(--arms default-both-nll3-cs2,default-both-nll3-row-cs3-s1 --memory-configs none --rules sum) ;;  # run 16a
   interfere65) args=(--arms default-both-nll3,default-both-nll3-cs2-s1 --memory-configs none --rules sum) ;;  # run 16a: the default, this GPU
+  interfere66) args=(--arms default-names-nll3,default-names-nll3-s1 --memory-configs none --rules sum) ;;  # run 17: run 14b's names text, six seeds
+  interfere67) args=(--arms default-names-nll3-s2,default-names-nll3-s3 --memory-configs none --rules sum) ;;  # run 17
+  interfere68) args=(--arms default-names-nll3-s4,default-names-nll3-s5 --memory-configs none --rules sum) ;;  # run 17
   tasks1e) args=(--arms default-both-nll3-row,default-both-nll3-row-s1,default-both-nll3-row-s2 --memory-configs none --rules sum) ;;  # run 15c, with TASK_SEED=1
   tasks2b) args=(--arms default-both-nll3-row,default-both-nll3-row-s1,default-both-nll3-row-s2 --memory-configs none --rules sum) ;;  # run 15c, with TASK_SEED=2
   memory15) args=(--arms default-both-nll3-row --memory-configs default-both-nll3-row --rules sum) ;;  # run 15d: the row hinge, memory benchmark
