@@ -126,6 +126,8 @@ case $what in
   interfere66) args=(--arms default-names-nll3,default-names-nll3-s1 --memory-configs none --rules sum) ;;  # run 17: run 14b's names text, six seeds
   interfere67) args=(--arms default-names-nll3-s2,default-names-nll3-s3 --memory-configs none --rules sum) ;;  # run 17
   interfere68) args=(--arms default-names-nll3-s4,default-names-nll3-s5 --memory-configs none --rules sum) ;;  # run 17
+  interfere69) args=(--arms default-names-nll3-s1,default-names-nll3-s3,default-names-nll3-s5 --memory-configs none --rules sum) ;;  # run 17: the seeds side by side left out
+  interfere70) args=(--arms default-both-nll3-cs2,default-both-nll3-cs2-s1,default-both-nll3-cs2-s2,default-both-nll3-cs2-s3,default-both-nll3-cs2-s4,default-both-nll3-cs2-s5 --memory-configs none --rules sum) ;;  # run 16b: code-switch x2, text hinge, six seeds
   tasks1e) args=(--arms default-both-nll3-row,default-both-nll3-row-s1,default-both-nll3-row-s2 --memory-configs none --rules sum) ;;  # run 15c, with TASK_SEED=1
   tasks2b) args=(--arms default-both-nll3-row,default-both-nll3-row-s1,default-both-nll3-row-s2 --memory-configs none --rules sum) ;;  # run 15c, with TASK_SEED=2
   memory15) args=(--arms default-both-nll3-row --memory-configs default-both-nll3-row --rules sum) ;;  # run 15d: the row hinge, memory benchmark
