@@ -19,9 +19,9 @@ if ! python3 -c "import gguf" 2>/dev/null; then
   pip install -q --no-deps --target /tmp/gg .carry/mini/gguf-*.whl && export PYTHONPATH=/tmp/gg
 fi
 export PYTHONPATH=.:${PYTHONPATH:-} PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-# MODE[@TASK_SEED],...: the modes side by side on the one GPU, each in a process of its own (one process keeps the
-# GPU mostly idle: the model is small and each step's kernels are short). Their fit seconds are not those of a
-# mode run alone. Each mode's files go to OUT/MODE, its output to OUT/MODE.out.
+# MODE[@TASK_SEED],...: the modes side by side on the one GPU, each in a process of its own; each mode's files go to
+# OUT/MODE, its output to OUT/MODE.out. Measured in run 17 (H100, four modes): no faster than one mode after another
+# (~110 s a config against ~75 s alone), and the device returns at most 8 files; it is for task draws side by side.
 if [[ $what == *,* ]]; then
   mkdir -p "$dest"; pids=(); modes=()
   for spec in ${what//,/ }; do
@@ -127,7 +127,7 @@ case $what in
   interfere67) args=(--arms default-names-nll3-s2,default-names-nll3-s3 --memory-configs none --rules sum) ;;  # run 17
   interfere68) args=(--arms default-names-nll3-s4,default-names-nll3-s5 --memory-configs none --rules sum) ;;  # run 17
   interfere69) args=(--arms default-names-nll3-s1,default-names-nll3-s3,default-names-nll3-s5 --memory-configs none --rules sum) ;;  # run 17: the seeds side by side left out
-  interfere70) args=(--arms default-both-nll3-cs2,default-both-nll3-cs2-s1,default-both-nll3-cs2-s2,default-both-nll3-cs2-s3,default-both-nll3-cs2-s4,default-both-nll3-cs2-s5 --memory-configs none --rules sum) ;;  # run 16b: code-switch x2, text hinge, six seeds
+  interfere70) args=(--arms default-both-nll3-cs2,default-both-nll3-cs2-s1,default-both-nll3-cs2-s2,default-both-nll3-cs2-s3,default-both-nll3-cs2-s4,default-both-nll3-cs2-s5 --memory-configs none --rules sum) ;;  # run 17: code-switch x2, text hinge, six seeds
   tasks1e) args=(--arms default-both-nll3-row,default-both-nll3-row-s1,default-both-nll3-row-s2 --memory-configs none --rules sum) ;;  # run 15c, with TASK_SEED=1
   tasks2b) args=(--arms default-both-nll3-row,default-both-nll3-row-s1,default-both-nll3-row-s2 --memory-configs none --rules sum) ;;  # run 15c, with TASK_SEED=2
   memory15) args=(--arms default-both-nll3-row --memory-configs default-both-nll3-row --rules sum) ;;  # run 15d: the row hinge, memory benchmark
