@@ -856,6 +856,12 @@ def main(argv=None) -> int:
     a = sub.add_parser("additivity", help="is a pair's probe change the sum of its controllers' own? (CPU, JSON only)")
     a.add_argument("sources", type=Path, nargs="+", help="run dirs or results JSON files (docs/results/quality/*.json)")
     a.add_argument("--config", default=None, help="one config, its fit seeds (-s1, -s2, ...) pooled")
+    t = sub.add_parser("targets", help="one config's three numbers against the issue's targets, per task, probe and "
+                                       "(task, probe) cell, fit seeds pooled (CPU, JSON only)")
+    t.add_argument("sources", type=Path, nargs="+", help="run dirs or results JSON files (one task draw; a run with "
+                                                         "LoRA on it gives the gain share its reference)")
+    t.add_argument("--config", required=True, help="the config; its fit seeds (-s1, -s2, ...) pooled")
+    t.add_argument("--rule", default="sum", choices=RULES)
     p = sub.add_parser("report", help="tables (CSV, markdown) and plots from one or more run dirs")
     p.add_argument("run_dirs", type=Path, nargs="+")
     p.add_argument("--img", type=Path, default=None, help="also copy the plots here (e.g. docs/img)")
@@ -888,6 +894,13 @@ def main(argv=None) -> int:
 
         try:
             print(additivity_report(args.sources, args.config))
+        except (OSError, ValueError) as e:
+            ap.error(str(e))
+    elif args.cmd == "targets":
+        from .report import targets_report
+
+        try:
+            print(targets_report(args.sources, args.config, args.rule))
         except (OSError, ValueError) as e:
             ap.error(str(e))
     elif args.cmd == "retrieval":

@@ -14,7 +14,7 @@ import json
 import shutil
 from collections import defaultdict
 from pathlib import Path
-from statistics import mean
+from statistics import mean, stdev
 
 TARGETS = {"gain_share": 0.9, "retention": 0.9, "unrelated": 0.02}
 
@@ -210,6 +210,69 @@ def additivity_summary(rows: list[dict]) -> tuple[list[dict], list[dict]]:
                    "alone_min": min(c["alone"].values()), "alone_max": max(c["alone"].values()),
                    "in_pairs": mean(c["pairs"])} for (g, t, k), c in by_task.items()]
     return probe_rows, task_rows_
+
+
+def target_rows(results, config: str, rule="sum") -> tuple[list[dict], list[dict], list[dict]]:
+    """The issue's three numbers for one config, its fit seeds (seed_group) pooled, at each grain the
+    unrelated-change target can be read at: per task (gain share, retention over the pairs it is in,
+    and its cells' mean and worst over the probes), per probe (every pair of every seed), and per
+    (task, probe) cell (the task's pairs, mean over seeds). A cell carries the standard error of that
+    mean between seeds; `clearly_over`: even mean - 2 se is over the target, so more seeds would not
+    bring it under."""
+    mine = [r for r in task_rows(results, rule) if seed_group(r["config"]) == config]
+    if not mine:
+        raise ValueError(f"no composed pairs (rule {rule}) for config {config}")
+    ev, target = _index(results)[0], TARGETS["unrelated"]
+    names = [k for k in probes(results) if all(f"{k}_change_mean" in r for r in mine)]
+    tasks = list(dict.fromkeys(r["task"] for r in mine))
+    cells = []
+    for t in tasks:
+        for k in names:
+            per_seed = [r[f"{k}_change_mean"] for r in mine if r["task"] == t]
+            se = stdev(per_seed) / len(per_seed) ** 0.5 if len(per_seed) > 1 else None
+            m = mean(per_seed)
+            cells.append({"task": t, "probe": k, "seeds": len(per_seed), "change": m, "se": se,
+                          "over": m > target, "clearly_over": se is not None and m - 2 * se > target})
+    by_task = []
+    for t in tasks:
+        rows, own = [r for r in mine if r["task"] == t], [c for c in cells if c["task"] == t]
+        kept = [r["retention_mean"] for r in rows if r["retention_mean"] is not None]  # None: no single gain
+        worst = [r["retention_min"] for r in rows if r["retention_min"] is not None]
+        by_task.append({"task": t, "seeds": len(rows), "gain_share": mean(r["gain_share"] for r in rows),
+                        "gain_share_min": min(r["gain_share"] for r in rows),
+                        "vs_lora": all(gain_share(ev, r["config"], t)[1] for r in rows),
+                        "retention": mean(kept) if kept else None, "retention_min": min(worst) if worst else None,
+                        "probes_mean": mean(c["change"] for c in own), "probes_max": max(c["change"] for c in own),
+                        "cells_over": sum(c["over"] for c in own)})
+    seeds = list(dict.fromkeys(r["config"] for r in mine))
+    by_probe = []
+    for k in names:
+        ch = [p["unrelated_change"] for c in seeds for p in pair_rows(results, c, rule, k)]
+        by_probe.append({"probe": k, "pairs": len(ch), "change": mean(ch), "change_max": max(ch),
+                         "over": mean(ch) > target})
+    return by_task, by_probe, cells
+
+
+def targets_report(sources, config: str, rule="sum") -> str:
+    """Markdown of target_rows over run dirs or results JSON files, with a line per grain saying how
+    much of it meets the +2 % target."""
+    by_task, by_probe, cells = target_rows(merge(sources), config, rule)
+    pct = {**{c: "+.2%" for c in ("probes_mean", "probes_max", "change", "change_max")}, "se": ".2%"}
+    worst = ", ".join(f"{c['probe']} under {c['task']} {c['change']:+.2%} (se {_fmt(c['se'], '.2%')})"
+                      for c in sorted(cells, key=lambda c: -c["change"]) if c["over"])
+    within = lambda rows, key: f"{sum(r[key] <= TARGETS['unrelated'] for r in rows)}/{len(rows)}"  # noqa: E731
+    summary = (f"{config}, rule {rule}, {by_task[0]['seeds']} fit seeds: unrelated change within "
+               f"{TARGETS['unrelated']:+.0%} per task (mean over probes) {within(by_task, 'probes_mean')}, "
+               f"per probe (mean over pairs) {within(by_probe, 'change')}, per (task, probe) cell "
+               f"{within(cells, 'change')}; cells over: {worst or 'none'}; clearly over (mean - 2 se above): "
+               f"{sum(c['clearly_over'] for c in cells)}\n")
+    return (summary + "\n### Per task\n\n"
+            + _md(by_task, ["task", "seeds", "gain_share", "gain_share_min", "vs_lora", "retention", "retention_min",
+                            "probes_mean", "probes_max", "cells_over"], pct)
+            + "\n### Per probe, over every pair\n\n"
+            + _md(by_probe, ["probe", "pairs", "change", "change_max", "over"], pct)
+            + "\n### Per (task, probe) cell, over seeds\n\n"
+            + _md(cells, ["task", "probe", "seeds", "change", "se", "over", "clearly_over"], pct))
 
 
 def rank_configs(results) -> list[str]:

@@ -639,6 +639,58 @@ def test_additivity_splits_a_pairs_probe_change_into_its_controllers_own_and_the
     assert e.value.code == 2 and "one task draw at a time" in capsys.readouterr().err
 
 
+def test_targets_read_the_three_numbers_per_task_probe_and_cell_over_fit_seeds(tmp_path, capsys):
+    """Two fit seeds of one config on three tasks: a (task, probe) cell is the task's pairs' mean change,
+    averaged over seeds with its standard error; a cell whose mean less two standard errors is still
+    over +2 % is clearly over, one within that spread only over."""
+    from benchmarks import quality
+    from benchmarks.report import target_rows
+
+    ev = lambda config, task, nll: {"config": config, "task": task, "nll": nll}  # noqa: E731
+    single = {"a": (0.2, 0.4), "b": (0.1, 0.1), "d": (0.1, 0.1)}  # per task: seed 0, seed 1
+    evals = [ev("base", "a", 2.0), ev("base", "b", 1.0), ev("base", "d", 1.0), ev("base", "unrelated", 1.0),
+             ev("base", "unrelated_e", 2.0)] + [ev("lora", t, 0.0) for t in single]
+    evals += [ev(c, t, nll[i]) for t, nll in single.items() for i, c in enumerate(("c", "c-s1"))]
+    e_nll = {"c": {("a", "b"): 2.10, ("a", "d"): 2.06, ("b", "d"): 2.06},  # probe E: +5 %, +3 %, +3 %
+             "c-s1": {("a", "b"): 2.08, ("a", "d"): 2.06, ("b", "d"): 1.96}}  # +4 %, +3 %, -2 %
+    pairs = []
+    for c, by_pair in e_nll.items():
+        for (a, b), nll in by_pair.items():
+            i = 0 if c == "c" else 1
+            eval_a = 0.38 if (c, a, b) == ("c", "a", "b") else single[a][i]  # keeps 0.9 of a's gain
+            pairs.append({"config": c, "rule": "sum", "a": a, "b": b, "clip_fraction": 0.0, "overlap": 0, "jaccard": 0.0,
+                          "cosine": 0.0, "opposing_sign_overlap": 0.0, "eval_a": {"nll": eval_a},
+                          "eval_b": {"nll": single[b][i]}, "unrelated": {"nll": 1.0}, "unrelated_e": {"nll": nll}})
+    results = {"meta": {}, "memory": {}, "skipped": [], "evals": evals, "pairs": pairs}
+    by_task, by_probe, cells = target_rows(results, "c")
+    cell = {(r["task"], r["probe"]): r for r in cells}
+    assert len(cells) == 6 and all(r["seeds"] == 2 for r in cells)
+    ae, be, de = cell[("a", "unrelated_e")], cell[("b", "unrelated_e")], cell[("d", "unrelated_e")]
+    assert (ae["change"], ae["se"]) == pytest.approx((0.0375, 0.0025))  # seeds 4 % and 3.5 %
+    assert ae["over"] and ae["clearly_over"]
+    assert (be["change"], be["se"]) == pytest.approx((0.025, 0.015))  # seeds 4 % and 1 %: within 2 se of +2 %
+    assert be["over"] and not be["clearly_over"]
+    assert de["change"] == pytest.approx(0.0175) and not de["over"]
+    assert cell[("a", "unrelated")]["change"] == 0
+    task = {r["task"]: r for r in by_task}
+    assert (task["a"]["gain_share"], task["a"]["gain_share_min"]) == pytest.approx((0.85, 0.8)) and task["a"]["vs_lora"]
+    assert (task["a"]["retention"], task["a"]["retention_min"]) == pytest.approx((0.975, 0.9))
+    assert (task["a"]["probes_mean"], task["a"]["probes_max"], task["a"]["cells_over"]) == pytest.approx(
+        (0.01875, 0.0375, 1))
+    (a_probe, e_probe) = by_probe
+    assert e_probe["pairs"] == 6 and e_probe["change"] == pytest.approx(0.16 / 6) and e_probe["over"]
+    assert e_probe["change_max"] == pytest.approx(0.05) and not a_probe["over"]
+    path = tmp_path / "run.json"
+    path.write_text(json.dumps(results))
+    assert quality.main(["targets", str(path), "--config", "c"]) == 0
+    out = capsys.readouterr().out
+    assert "per task (mean over probes) 3/3, per probe (mean over pairs) 1/2, per (task, probe) cell 4/6" in out
+    assert "clearly over (mean - 2 se above): 1" in out and "| a | unrelated_e | 2 | +3.75% | 0.25% | yes | yes |" in out
+    with pytest.raises(SystemExit) as e:  # no pairs for that config: an error, not empty tables
+        quality.main(["targets", str(path), "--config", "other"])
+    assert e.value.code == 2 and "no composed pairs" in capsys.readouterr().err
+
+
 def test_every_gpu_mode_names_known_arms():
     """quality_gpu.sh's modes run on a GPU host after minutes of setup: an arm or memory config
     that no longer exists must fail here, not there."""
