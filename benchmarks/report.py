@@ -219,6 +219,11 @@ def target_rows(results, config: str, rule="sum") -> tuple[list[dict], list[dict
     (task, probe) cell (the task's pairs, mean over seeds). A cell carries the standard error of that
     mean between seeds; `clearly_over`: even mean - 2 se is over the target, so more seeds would not
     bring it under."""
+    base = {}
+    for e in results["evals"]:  # sources of two task draws would mix their base scores (the last one wins)
+        if e["config"] == "base" and base.setdefault(e["task"], e["nll"]) != e["nll"]:
+            raise ValueError(f"base {e['task']} scored {base[e['task']]} and {e['nll']} in the runs given: "
+                             "pass one task draw at a time")
     mine = [r for r in task_rows(results, rule) if seed_group(r["config"]) == config]
     if not mine:
         raise ValueError(f"no composed pairs (rule {rule}) for config {config}")

@@ -689,6 +689,12 @@ def test_targets_read_the_three_numbers_per_task_probe_and_cell_over_fit_seeds(t
     with pytest.raises(SystemExit) as e:  # no pairs for that config: an error, not empty tables
         quality.main(["targets", str(path), "--config", "other"])
     assert e.value.code == 2 and "no composed pairs" in capsys.readouterr().err
+    other = json.loads(path.read_text())  # another task draw: the same names, another base score
+    other["evals"][0]["nll"] = 2.5
+    (tmp_path / "draw1.json").write_text(json.dumps(other))
+    with pytest.raises(SystemExit) as e:
+        quality.main(["targets", str(path), str(tmp_path / "draw1.json"), "--config", "c"])
+    assert e.value.code == 2 and "one task draw at a time" in capsys.readouterr().err
 
 
 def test_every_gpu_mode_names_known_arms():
