@@ -164,17 +164,25 @@ def seed_group(config: str) -> str:
     return head if head and tail.isdigit() else config
 
 
+def one_draw_scores(results, tasks=None) -> tuple[dict, dict]:
+    """The base NLL per task and each single controller's per (config, under, task), on `tasks` (default: all).
+    One key scored twice, differently, means runs of two task draws (or models) were given together: an error."""
+    base, single = {}, {}
+    for e in results["evals"]:
+        if (tasks is not None and e["task"] not in tasks) or (e["config"] != "base" and "under" not in e):
+            continue
+        table, key = (base, e["task"]) if e["config"] == "base" else (single, (e["config"], e["under"], e["task"]))
+        if table.setdefault(key, e["nll"]) != e["nll"]:
+            raise ValueError(f"{key} scored {table[key]} and {e['nll']} in the runs given: pass one task draw at a time")
+    return base, single
+
+
 def additivity_rows(results, rule="sum") -> list[dict]:
     """Is a composed pair's probe change the sum of its two controllers' own changes? One row per
     pair and probe: the change under a alone, under b alone, under the pair, and the rest
     (pair - a - b), which is all that composing adds beyond the two controllers' own leaks."""
-    names, base, single = probes(results), {}, {}
-    for e in results["evals"]:
-        if e["task"] not in names or (e["config"] != "base" and "under" not in e):
-            continue
-        table, key = (base, e["task"]) if e["config"] == "base" else (single, (e["config"], e["under"], e["task"]))
-        if table.setdefault(key, e["nll"]) != e["nll"]:  # one name, two scores: runs of two task draws (or models)
-            raise ValueError(f"{key} scored {table[key]} and {e['nll']} in the runs given: pass one task draw at a time")
+    names = probes(results)
+    base, single = one_draw_scores(results, names)
     out = []
     for p in results["pairs"]:
         if p["rule"] != rule:
@@ -219,11 +227,7 @@ def target_rows(results, config: str, rule="sum") -> tuple[list[dict], list[dict
     (task, probe) cell (the task's pairs, mean over seeds). A cell carries the standard error of that
     mean between seeds; `clearly_over`: even mean - 2 se is over the target, so more seeds would not
     bring it under."""
-    base = {}
-    for e in results["evals"]:  # sources of two task draws would mix their base scores (the last one wins)
-        if e["config"] == "base" and base.setdefault(e["task"], e["nll"]) != e["nll"]:
-            raise ValueError(f"base {e['task']} scored {base[e['task']]} and {e['nll']} in the runs given: "
-                             "pass one task draw at a time")
+    one_draw_scores(results)  # sources of two task draws would mix their scores (the last one wins)
     mine = [r for r in task_rows(results, rule) if seed_group(r["config"]) == config]
     if not mine:
         raise ValueError(f"no composed pairs (rule {rule}) for config {config}")
